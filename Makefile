@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine with Python 3.11:
+#   make run    create the virtual environment if missing, install, run the pipeline on the demo
+#   make test   same set-up, then the whole test suite (unit and end-to-end)
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= config/demo.yaml
+PYTEST_ARGS ?=
+
+export PREFECT_LOGGING_EXTRA_LOGGERS ?= tasks,models,config,flows
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: run test venv lint clean data evaluate
+
+# Reinstall when either requirements file changes.
+$(STAMP): requirements.txt requirements-dev.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m flows.train_all_fusions --config $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check . && $(BIN)/ruff check . && $(BIN)/mypy tasks config models
+
+clean:
+	rm -rf bucket .pytest_cache

@@ -1,0 +1,128 @@
+"""The configuration schema: one frozen pydantic model per YAML section.
+
+Every field has a default that works on the embedded demo, so a YAML file only states what differs.
+Unknown keys are refused (`extra="forbid"`) so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
+NonNegInt = Annotated[int, Field(ge=0, strict=True)]
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+FusionName = Literal["early", "mid", "late"]
+
+
+class Section(BaseModel):
+    """Common settings of every section: frozen, no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(Section):
+    name: str | None = None  # run id; None = UTC timestamp at flow start, e.g. 20261125T020000Z
+    seed: NonNegInt = 42  # one seed for pairing, splits, init and shuffling
+
+
+class StorageConfig(Section):
+    uri: str = "s3://my-deepfake-bucket"  # s3://bucket[/prefix], a local path or file:// URI
+    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, SeaweedFS); AWS_ENDPOINT_URL wins
+    region: str | None = None  # AWS region; None = boto3's default chain
+    dataset_prefix: str = "dataset/"  # where the raw audio and images live
+    outputs_prefix: str = "outputs/"  # where every product of a run lands
+    max_attempts: PositiveInt = 8  # botocore adaptive-retry attempts per request
+    max_pool_connections: PositiveInt = 16  # HTTP connections kept per client
+    multipart_threshold_mb: PositiveInt = 64  # uploads at least this large go multipart
+    presign_expiry_s: PositiveInt = 7 * 24 * 3600  # lifetime of links in Prefect artifacts
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_scheme(cls, v: str) -> str:
+        if "://" in v and not v.startswith(("s3://", "file://")):
+            raise ValueError(f"must be s3://bucket[/prefix], file://path or a path, got {v!r}")
+        if v.startswith("s3://") and not v[len("s3://") :].strip("/"):
+            raise ValueError(f"names no bucket: {v!r}")
+        return v
+
+    @field_validator("dataset_prefix", "outputs_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v or v.startswith("/") or ".." in v.split("/"):
+            raise ValueError(f"must be a relative prefix like 'outputs/', got {v!r}")
+        return v if v.endswith("/") else v + "/"
+
+
+class DataConfig(Section):
+    sample_rate: PositiveInt = 16000  # audio is resampled to this rate before the log-mel
+    n_mels: PositiveInt = 128  # log-mel height (mel bands)
+    spec_frames: PositiveInt = 128  # log-mel width (time frames)
+    image_size: PositiveInt = 224  # images are resized to image_size x image_size RGB
+    val_fraction: Fraction = 0.15  # share of pairs in the validation split (stable hash)
+    test_fraction: Fraction = 0.15  # share of pairs in the test split (stable hash)
+    shard_size: PositiveInt = 64  # pairs per feature shard
+    fetch_concurrency: PositiveInt = 8  # objects fetched at once while preprocessing
+    max_audio_seconds: Annotated[float, Field(gt=0)] = 60.0  # longer audio is refused as corrupt
+    max_image_pixels: PositiveInt = 40_000_000  # larger images are refused (decompression bombs)
+
+
+class ModelConfig(Section):
+    embedding_dim: PositiveInt = 128  # size of each modality's emotion embedding
+    pretrained_image_weights: str | None = None  # local path or bucket key of ResNet18 weights
+    late_fusion_rule: Literal["learned", "mean", "max"] = "learned"  # how late fusion combines
+
+
+class TrainingConfig(Section):
+    fusions: list[FusionName] = Field(default_factory=lambda: ["early", "mid", "late"])
+    batch_size: PositiveInt = 16  # initial batch size; the memory guard may shrink it
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 0.001  # Adam learning rate
+    epochs: PositiveInt = 5  # passes over the training split
+    consistency_weight: Annotated[float, Field(ge=0)] = 0.1  # lambda; 0 disables the signal
+    consistency_margin: Annotated[float, Field(ge=-1, le=1)] = 0.0  # fake pairs pushed below it
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = CUDA when present
+    mixed_precision: bool = True  # autocast on CUDA; ignored on the CPU
+    log_every: PositiveInt = 10  # steps between progress lines
+    concurrency: Literal["auto"] | PositiveInt = "auto"  # fusions trained at once
+    fan_out: bool = False  # run each fusion as a separate train-fusion deployment run
+
+    @field_validator("fusions")
+    @classmethod
+    def _fusions(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must name at least one of early, mid, late")
+        if len(set(v)) != len(v):
+            raise ValueError(f"names a fusion twice: {v}")
+        return v
+
+
+class MemoryConfig(Section):
+    cap: Fraction = 0.8  # system memory share the trainer must never push past
+    shrink_threshold: Fraction = 0.7  # above this share the batch size is halved
+    min_batch_size: PositiveInt = 1  # the guard never shrinks below this
+
+    @model_validator(mode="after")
+    def _threshold_below_cap(self) -> MemoryConfig:
+        if self.shrink_threshold >= self.cap:
+            raise ValueError(
+                f"shrink_threshold ({self.shrink_threshold}) must be below cap ({self.cap})"
+            )
+        return self
+
+
+class EvaluationConfig(Section):
+    threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5  # score at or above = fake
+    calibration_bins: PositiveInt = 10  # bins of the reliability diagram and ECE
+
+
+class PipelineConfig(Section):
+    """Every setting of the pipeline; loaded once at flow start and passed down."""
+
+    run: RunConfig = RunConfig()
+    storage: StorageConfig = StorageConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    memory: MemoryConfig = MemoryConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()

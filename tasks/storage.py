@@ -1,0 +1,473 @@
+"""One storage interface, two backends picked by the URI.
+
+`s3://bucket[/prefix]` goes through boto3 (adaptive retries, streamed reads, multipart uploads,
+paginated listing, any S3-compatible endpoint); a local path or `file://` URI is a folder standing
+in for the bucket (atomic writes, keys that escape the root refused). Keys are always relative to
+the storage root and use "/" separators, e.g. "dataset/audio/real/0001.wav".
+
+This module is the one place where botocore errors become `StorageError`s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from tasks.errors import (
+    AccessDenied,
+    BucketNotFound,
+    ObjectNotFound,
+    StorageError,
+    StorageUnavailable,
+    Throttled,
+)
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # bytes per streamed chunk
+# The "folders" created under outputs/ at set-up (DESIGN.md, bucket layout).
+OUTPUT_FOLDERS = (
+    "models/",
+    "plots/",
+    "logs/",
+    "manifests/",
+    "cache/features/",
+    "intermediates/",
+    "reports/",
+)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: key relative to the storage root, size in bytes, ETag (content hash)."""
+
+    key: str
+    size: int
+    etag: str
+
+
+class Storage(Protocol):
+    """What every backend offers; see `LocalStorage` and `S3Storage`."""
+
+    root_uri: str
+
+    def uri(self, key: str) -> str: ...
+    def stream(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]: ...
+    def read_bytes(self, key: str) -> bytes: ...
+    def write_bytes(self, key: str, data: bytes, content_type: str | None = None) -> str: ...
+    def upload_file(self, path: Path, key: str) -> str: ...
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
+    def head(self, key: str) -> ObjectInfo: ...
+    def exists(self, key: str) -> bool: ...
+    def delete(self, key: str) -> None: ...
+    def make_folder(self, prefix: str) -> None: ...
+    def link(self, key: str) -> str: ...
+    def check(self) -> None: ...
+
+
+def open_storage(cfg: Any) -> Storage:
+    """Open the backend named by `cfg.uri` (a `StorageConfig`, or anything with its fields)."""
+    uri: str = cfg.uri
+    if uri.startswith("s3://"):
+        return S3Storage(
+            uri,
+            endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or getattr(cfg, "endpoint_url", None),
+            region=getattr(cfg, "region", None),
+            max_attempts=getattr(cfg, "max_attempts", 8),
+            max_pool_connections=getattr(cfg, "max_pool_connections", 16),
+            multipart_threshold=getattr(cfg, "multipart_threshold_mb", 64) << 20,
+            presign_expiry_s=getattr(cfg, "presign_expiry_s", 7 * 24 * 3600),
+        )
+    return LocalStorage(uri)
+
+
+def read(storage: Storage, key: str) -> io.BytesIO:
+    """The whole object in memory, as a seekable file object (the seed's BytesIO reads)."""
+    return io.BytesIO(storage.read_bytes(key))
+
+
+def create_output_folders(storage: Storage, outputs_prefix: str = "outputs/") -> list[str]:
+    """Create outputs/models/, outputs/plots/, ... (idempotent); returns the folder keys."""
+    storage.check()
+    folders = [outputs_prefix + name for name in OUTPUT_FOLDERS]
+    for folder in folders:
+        storage.make_folder(folder)
+    return folders
+
+
+# The seed's names, kept for readers of the original plan.
+create_s3_folder = create_output_folders
+
+
+def stream_from_s3(storage: Storage, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+    """Stream one object in chunks (works on both backends despite the seed's name)."""
+    return storage.stream(key, chunk_size)
+
+
+def upload_to_s3(storage: Storage, path: Path, key: str) -> str:
+    """Upload a local file (multipart when large); returns the object's URI."""
+    return storage.upload_file(path, key)
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or "\\" in key:
+        raise StorageError(f"{key!r}: invalid key (must be a relative path with '/' separators)")
+    if any(part in ("..", ".") for part in key.split("/")):
+        raise StorageError(f"{key!r}: invalid key ('.' and '..' are not allowed)")
+    return key
+
+
+# --------------------------------------------------------------------------------------------
+# Local folder backend
+
+
+class LocalStorage:
+    """A folder standing in for the bucket; writes are atomic (temp file, then rename)."""
+
+    def __init__(self, uri: str) -> None:
+        path = uri[len("file://") :] if uri.startswith("file://") else uri
+        self.root = Path(path).expanduser().resolve()
+        self.root_uri = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        _check_key(key.rstrip("/") or key)
+        path = (self.root / key).resolve()
+        if path != self.root and self.root not in path.parents:
+            raise StorageError(f"{key!r}: key escapes the storage root {self.root}")
+        return path
+
+    def uri(self, key: str) -> str:
+        return f"{self.root_uri}/{key}"
+
+    def check(self) -> None:
+        if not self.root.is_dir():
+            # The embedded default creates its bucket folder; a missing parent is a real error.
+            if not self.root.parent.is_dir():
+                raise BucketNotFound(f"{self.root}: storage folder's parent does not exist")
+            self.root.mkdir(exist_ok=True)
+
+    def stream(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        path = self._path(key)
+        try:
+            fh = path.open("rb")
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(f"{self.uri(key)}: no such object") from exc
+        except IsADirectoryError as exc:
+            raise ObjectNotFound(f"{self.uri(key)}: is a folder, not an object") from exc
+        except PermissionError as exc:
+            raise AccessDenied(f"{self.uri(key)}: permission denied") from exc
+        with fh:
+            while chunk := fh.read(chunk_size):
+                yield chunk
+
+    def read_bytes(self, key: str) -> bytes:
+        return b"".join(self.stream(key))
+
+    def write_bytes(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return self.uri(key)
+
+    def upload_file(self, path: Path, key: str) -> str:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=".part")
+        os.close(fd)
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return self.uri(key)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        if not self.root.is_dir():
+            raise BucketNotFound(f"{self.root}: storage folder does not exist")
+        base = self.root
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if name.startswith(".tmp-"):
+                    continue
+                full = Path(dirpath) / name
+                key = full.relative_to(base).as_posix()
+                if key.startswith(prefix):
+                    yield self._info(key, full)
+
+    def head(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFound(f"{self.uri(key)}: no such object")
+        return self._info(key, path)
+
+    @staticmethod
+    def _info(key: str, path: Path) -> ObjectInfo:
+        digest = hashlib.md5(usedforsecurity=False)
+        with path.open("rb") as fh:
+            while chunk := fh.read(CHUNK):
+                digest.update(chunk)
+        return ObjectInfo(key=key, size=path.stat().st_size, etag=digest.hexdigest())
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def make_folder(self, prefix: str) -> None:
+        self._path(prefix).mkdir(parents=True, exist_ok=True)
+
+    def link(self, key: str) -> str:
+        return str(self._path(key))
+
+
+# --------------------------------------------------------------------------------------------
+# S3 backend
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_NO_BUCKET = {"NoSuchBucket"}
+_DENIED = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+_THROTTLED = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+    "503",
+    "ServiceUnavailable",
+    "RequestTimeout",
+}
+
+
+class S3Storage:
+    """A bucket (and optional prefix) on S3 or any S3-compatible store, through boto3."""
+
+    def __init__(
+        self,
+        uri: str,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        max_attempts: int = 8,
+        max_pool_connections: int = 16,
+        multipart_threshold: int = 64 << 20,
+        presign_expiry_s: int = 7 * 24 * 3600,
+    ) -> None:
+        rest = uri[len("s3://") :]
+        self.bucket, _, prefix = rest.partition("/")
+        if not self.bucket:
+            raise StorageError(f"{uri}: names no bucket")
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.root_uri = f"s3://{self.bucket}" + (f"/{self.prefix.rstrip('/')}" if self.prefix else "")
+        self.endpoint_url = endpoint_url
+        self.region = region
+        self.max_attempts = max_attempts
+        self.max_pool_connections = max_pool_connections
+        self.multipart_threshold = multipart_threshold
+        self.presign_expiry_s = presign_expiry_s
+        self._local = threading.local()
+        self._pid = os.getpid()
+
+    # boto3 clients are thread-safe but must not cross a fork: make one per process.
+    @property
+    def client(self) -> Any:
+        if self._pid != os.getpid() or getattr(self._local, "client", None) is None:
+            import boto3
+            from botocore.config import Config
+
+            self._pid = os.getpid()
+            self._local.client = boto3.session.Session().client(
+                "s3",
+                endpoint_url=self.endpoint_url,
+                region_name=self.region,
+                config=Config(
+                    retries={"max_attempts": self.max_attempts, "mode": "adaptive"},
+                    max_pool_connections=self.max_pool_connections,
+                    connect_timeout=10,
+                    read_timeout=60,
+                ),
+            )
+        return self._local.client
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def _key(self, key: str) -> str:
+        return self.prefix + _check_key(key.rstrip("/") or key) + ("/" if key.endswith("/") else "")
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix}{key}"
+
+    def _translate(self, exc: Exception, key: str | None) -> StorageError:
+        """Map a botocore error to our tree, naming bucket and key."""
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionClosedError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            ReadTimeoutError,
+        )
+
+        where = self.uri(key) if key is not None else f"s3://{self.bucket}"
+        if isinstance(exc, ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            if code in _NO_BUCKET or (key is None and code in _NOT_FOUND):
+                return BucketNotFound(f"s3://{self.bucket}: bucket does not exist")
+            if code in _NOT_FOUND:
+                return ObjectNotFound(f"{where}: no such object (bucket {self.bucket})")
+            if code in _DENIED or status == "403":
+                return AccessDenied(
+                    f"{where}: access denied ({code}; check the credentials and IAM policy)"
+                )
+            if code in _THROTTLED or status in {"429", "503"}:
+                return Throttled(f"{where}: throttled by the store after retries ({code})")
+            return StorageError(f"{where}: {code or status}: {err.get('Message', exc)}")
+        if isinstance(exc, NoCredentialsError):
+            return AccessDenied(
+                f"{where}: no AWS credentials found (environment, profile or instance role)"
+            )
+        if isinstance(
+            exc,
+            (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError),
+        ):
+            return StorageUnavailable(f"{where}: cannot reach the store ({exc})")
+        return StorageError(f"{where}: {exc}")
+
+    def check(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._translate(exc, None) from exc
+
+    def stream(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        except (ClientError, BotoCoreError) as exc:
+            raise self._translate(exc, key) from exc
+        try:
+            yield from body.iter_chunks(chunk_size)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._translate(exc, key) from exc
+        finally:
+            body.close()
+
+    def read_bytes(self, key: str) -> bytes:
+        return b"".join(self.stream(key))
+
+    def write_bytes(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        return self._upload(io.BytesIO(data), key, content_type)
+
+    def upload_file(self, path: Path, key: str) -> str:
+        with Path(path).open("rb") as fh:
+            return self._upload(fh, key, None)
+
+    def _upload(self, fh: Any, key: str, content_type: str | None) -> str:
+        from boto3.s3.transfer import TransferConfig
+        from botocore.exceptions import BotoCoreError, ClientError
+        from boto3.exceptions import S3UploadFailedError
+
+        extra = {"ContentType": content_type} if content_type else None
+        config = TransferConfig(
+            multipart_threshold=self.multipart_threshold,
+            multipart_chunksize=max(8 << 20, self.multipart_threshold // 8),
+            use_threads=True,
+        )
+        try:
+            self.client.upload_fileobj(
+                fh, self.bucket, self._key(key), ExtraArgs=extra, Config=config
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._translate(exc, key) from exc
+        except S3UploadFailedError as exc:
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, (ClientError, BotoCoreError)):
+                raise self._translate(cause, key) from exc
+            raise StorageError(f"{self.uri(key)}: upload failed ({exc})") from exc
+        return self.uri(key)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for obj in page.get("Contents", []):
+                    key = obj["Key"][len(self.prefix) :]
+                    if key.endswith("/"):  # folder marker
+                        continue
+                    yield ObjectInfo(key=key, size=obj["Size"], etag=obj["ETag"].strip('"'))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._translate(exc, prefix) from exc
+
+    def head(self, key: str) -> ObjectInfo:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            resp = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._translate(exc, key) from exc
+        return ObjectInfo(key=key, size=resp["ContentLength"], etag=resp["ETag"].strip('"'))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.head(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def delete(self, key: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._translate(exc, key) from exc
+
+    def make_folder(self, prefix: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        folder = prefix if prefix.endswith("/") else prefix + "/"
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(folder), Body=b"")
+        except (ClientError, BotoCoreError) as exc:
+            raise self._translate(exc, folder) from exc
+
+    def link(self, key: str) -> str:
+        """A presigned GET URL, for links in Prefect artifacts."""
+        return str(
+            self.client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": self.bucket, "Key": self._key(key)},
+                ExpiresIn=self.presign_expiry_s,
+            )
+        )
