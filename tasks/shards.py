@@ -1,0 +1,174 @@
+"""Feature shards: the preprocessed tensors of up to `data.shard_size` pairs in one `.npz` object.
+
+Shard arrays (loaded with `allow_pickle=False`, so a shard can never run code):
+    audio    float16 (N, 1, n_mels, spec_frames)   normalised log-mel
+    image    uint8   (N, 3, S, S)                  RGB; divided by 255 when read -> [0, 1]
+    label    int8    (N,)                          1 = fake, 0 = real
+    pair_id  str     (N,)                          stable id of the pair (manifest)
+    family   str     (N,)                          fake family ("real" for real pairs, "" unknown)
+
+`DeepfakeDataset` streams shards from storage one at a time (the next is fetched in the
+background while the current one is consumed), so memory stays bounded by two shards.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from tasks.errors import DataError
+from tasks.storage import Storage, open_storage
+
+log = logging.getLogger(__name__)
+
+SHARD_FIELDS = ("audio", "image", "label", "pair_id", "family")
+
+
+def encode_shard(
+    audio: np.ndarray,
+    image: np.ndarray,
+    label: np.ndarray,
+    pair_id: Sequence[str],
+    family: Sequence[str],
+) -> bytes:
+    """Serialise one shard; checks that every array has the same length and the right dtype."""
+    n = len(label)
+    if not (len(audio) == len(image) == len(pair_id) == len(family) == n):
+        raise ValueError(
+            f"shard arrays differ in length: audio {len(audio)}, image {len(image)}, "
+            f"label {n}, pair_id {len(pair_id)}, family {len(family)}"
+        )
+    if audio.ndim != 4 or image.ndim != 4 or image.shape[1] != 3:
+        raise ValueError(f"bad shard shapes: audio {audio.shape}, image {image.shape}")
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        audio=np.asarray(audio, dtype=np.float16),
+        image=np.asarray(image, dtype=np.uint8),
+        label=np.asarray(label, dtype=np.int8),
+        pair_id=np.asarray(list(pair_id), dtype=str),
+        family=np.asarray(list(family), dtype=str),
+    )
+    return buf.getvalue()
+
+
+def decode_shard(data: bytes, where: str = "<shard>") -> dict[str, np.ndarray]:
+    """Read a shard written by `encode_shard`; never unpickles."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in SHARD_FIELDS}
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"{where}: not a readable feature shard ({exc})") from exc
+    return arrays
+
+
+def write_shard(store: Storage, key: str, **arrays: Any) -> str:
+    """Encode and write one shard; returns its URI."""
+    return store.write_bytes(key, encode_shard(**arrays))
+
+
+def read_shard(store: Storage, key: str) -> dict[str, np.ndarray]:
+    return decode_shard(store.read_bytes(key), store.uri(key))
+
+
+class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
+    """Streams (audio, image, label) samples from feature shards in a bucket.
+
+    Each item is a dict: audio float32 (1, n_mels, frames), image float32 (3, S, S) in [0, 1],
+    label float32 scalar (1 = fake), pair_id str, family str. Storage is opened in `__iter__`
+    (boto3 clients must not cross a fork); shards are split between DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        storage_cfg: Any,
+        shard_keys: Sequence[str],
+        shuffle: bool = False,
+        seed: int = 0,
+        n_samples: int | None = None,
+    ) -> None:
+        self.storage_cfg = storage_cfg
+        self.shard_keys = list(shard_keys)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.n_samples = n_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle differently (but reproducibly) each epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.n_samples is None:
+            raise TypeError("DeepfakeDataset was built without n_samples")
+        return self.n_samples
+
+    def _my_shards(self) -> list[str]:
+        keys = list(self.shard_keys)
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            keys = [keys[i] for i in rng.permutation(len(keys))]
+        info = get_worker_info()
+        if info is not None:
+            keys = keys[info.id :: info.num_workers]
+        return keys
+
+    def iter_shards(self) -> Iterator[dict[str, np.ndarray]]:
+        """Yield decoded shards, fetching the next one while the caller works on the current."""
+        keys = self._my_shards()
+        if not keys:
+            return
+        store = open_storage(self.storage_cfg)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") as pool:
+            pending: Future[dict[str, np.ndarray]] = pool.submit(read_shard, store, keys[0])
+            for nxt in [*keys[1:], None]:
+                shard = pending.result()
+                if nxt is not None:
+                    pending = pool.submit(read_shard, store, nxt)
+                yield shard
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rng = np.random.default_rng([self.seed, self.epoch, 1])
+        for shard in self.iter_shards():
+            n = len(shard["label"])
+            order = rng.permutation(n) if self.shuffle else np.arange(n)
+            for i in order:
+                yield {
+                    "audio": torch.from_numpy(shard["audio"][i].astype(np.float32)),
+                    "image": torch.from_numpy(shard["image"][i].astype(np.float32) / 255.0),
+                    "label": torch.tensor(float(shard["label"][i]), dtype=torch.float32),
+                    "pair_id": str(shard["pair_id"][i]),
+                    "family": str(shard["family"][i]),
+                }
+
+
+def batches(samples: Iterator[dict[str, Any]], batch_size: Any) -> Iterator[dict[str, Any]]:
+    """Group samples into batches; `batch_size` is an int or a zero-argument callable read
+    before each batch, so a memory guard can shrink batches mid-epoch."""
+    size = batch_size if callable(batch_size) else (lambda: batch_size)
+    buf: list[dict[str, Any]] = []
+    for sample in samples:
+        buf.append(sample)
+        if len(buf) >= size():
+            yield collate(buf)
+            buf = []
+    if buf:
+        yield collate(buf)
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors: audio (B, 1, M, T), image (B, 3, S, S), label (B,); strings as lists."""
+    return {
+        "audio": torch.stack([it["audio"] for it in items]),
+        "image": torch.stack([it["image"] for it in items]),
+        "label": torch.stack([it["label"] for it in items]),
+        "pair_id": [it["pair_id"] for it in items],
+        "family": [it["family"] for it in items],
+    }
