@@ -14,6 +14,7 @@ PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 NonNegInt = Annotated[int, Field(ge=0, strict=True)]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 FusionName = Literal["early", "mid", "late"]
+ALL_FUSIONS: tuple[FusionName, ...] = ("early", "mid", "late")
 
 
 class Section(BaseModel):
@@ -29,7 +30,7 @@ class RunConfig(Section):
 
 class StorageConfig(Section):
     uri: str = "s3://my-deepfake-bucket"  # s3://bucket[/prefix], a local path or file:// URI
-    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, SeaweedFS); AWS_ENDPOINT_URL wins
+    endpoint_url: str | None = None  # S3-compatible store's URL; AWS_ENDPOINT_URL wins
     region: str | None = None  # AWS region; None = boto3's default chain
     dataset_prefix: str = "dataset/"  # where the raw audio and images live
     outputs_prefix: str = "outputs/"  # where every product of a run lands
@@ -75,7 +76,7 @@ class ModelConfig(Section):
 
 
 class TrainingConfig(Section):
-    fusions: list[FusionName] = Field(default_factory=lambda: ["early", "mid", "late"])
+    fusions: list[FusionName] = Field(default_factory=lambda: list(ALL_FUSIONS))
     batch_size: PositiveInt = 16  # initial batch size; the memory guard may shrink it
     learning_rate: Annotated[float, Field(gt=0, lt=1)] = 0.001  # Adam learning rate
     epochs: PositiveInt = 5  # passes over the training split

@@ -35,8 +35,11 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
-            argv: Sequence[str] | None = None) -> int:
+def run_cli(
+    main: Callable[[argparse.Namespace], Any],
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+) -> int:
     """Parse, run, and turn our own errors into one clear line and exit code 2."""
     args = parser.parse_args(argv)
     try:

@@ -3,13 +3,15 @@
 All keys are relative to the storage root. One function per kind of object, so no module
 builds a key by hand:
 
-    dataset/audio/{real,fake}/*.wav   dataset/images/{real,fake}/*.{jpg,jpeg,png}   dataset/pairs.csv
+    dataset/audio/{real,fake}/*.wav    dataset/images/{real,fake}/*.{jpg,jpeg,png}
+    dataset/pairs.csv
     outputs/manifests/<run>/manifest.parquet
     outputs/cache/features/<content-hash>/shard-*.npz
-    outputs/models/<fusion>/<run>/model.pt   .../checkpoints/epoch-N.pt   outputs/models/<fusion>/champion.json
-    outputs/intermediates/<run>/emotion_vectors-<fusion>.npz   outputs/intermediates/<run>/losses.csv
-    outputs/logs/<run>/train-<fusion>.jsonl (one line per epoch)   steps-<fusion>.jsonl (per log step)
-    outputs/plots/<run>/*.png   outputs/reports/<run>/{report.html,metrics.json}
+    outputs/models/<fusion>/<run>/model.pt    outputs/models/<fusion>/<run>/checkpoints/epoch-N.pt
+    outputs/models/<fusion>/champion.json
+    outputs/intermediates/<run>/emotion_vectors-<fusion>.npz   .../<run>/losses.csv
+    outputs/logs/<run>/train-<fusion>.jsonl (per epoch)    outputs/logs/<run>/steps-<fusion>.jsonl
+    outputs/plots/<run>/*.png    outputs/reports/<run>/{report.html,metrics.json}
 """
 
 from __future__ import annotations

@@ -275,7 +275,9 @@ class S3Storage:
         if not self.bucket:
             raise StorageError(f"{uri}: names no bucket")
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        self.root_uri = f"s3://{self.bucket}" + (f"/{self.prefix.rstrip('/')}" if self.prefix else "")
+        self.root_uri = f"s3://{self.bucket}" + (
+            f"/{self.prefix.rstrip('/')}" if self.prefix else ""
+        )
         self.endpoint_url = endpoint_url
         self.region = region
         self.max_attempts = max_attempts
@@ -392,9 +394,9 @@ class S3Storage:
             return self._upload(fh, key, None)
 
     def _upload(self, fh: Any, key: str, content_type: str | None) -> str:
+        from boto3.exceptions import S3UploadFailedError
         from boto3.s3.transfer import TransferConfig
         from botocore.exceptions import BotoCoreError, ClientError
-        from boto3.exceptions import S3UploadFailedError
 
         extra = {"ContentType": content_type} if content_type else None
         config = TransferConfig(

@@ -77,8 +77,9 @@ def s3_server() -> Iterator[S3Server]:
     inner = wsgi.app
 
     def counting_app(environ: dict[str, Any], start_response: Any) -> Any:
-        log.add(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
-                environ.get("QUERY_STRING", ""))
+        log.add(
+            environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", "")
+        )
         return inner(environ, start_response)
 
     wsgi.app = counting_app

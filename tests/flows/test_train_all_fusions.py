@@ -25,8 +25,8 @@ def demo_config(tmp_path: Path, uri: str, extra: str = "") -> Path:
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_set_up_creates_folders_on_local_bucket(tmp_path: Path) -> None:
-    from flows.train_all_fusions import set_up_folders
     from config import load_config
+    from flows.train_all_fusions import set_up_folders
 
     bucket = tmp_path / "bucket"
     cfg = load_config(demo_config(tmp_path, str(bucket)))
@@ -94,7 +94,11 @@ def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "flows.train_all_fusions", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 

@@ -64,14 +64,19 @@ def test_misspelt_nested_key_names_full_path(tmp_path: Path) -> None:
         ("training:\n  fusions: [early, hybrid]\n", r"training\.fusions\.1: .*'early', 'mid'"),
         ("training:\n  fusions: []\n", r"training\.fusions: must name at least one"),
         ("memory:\n  cap: 1.5\n", r"memory\.cap: .*less than 1"),
-        ("memory:\n  cap: 0.6\n", r"memory: .*shrink_threshold \(0\.7\) must be below cap \(0\.6\)"),
+        (
+            "memory:\n  cap: 0.6\n",
+            r"memory: .*shrink_threshold \(0\.7\) must be below cap \(0\.6\)",
+        ),
         ("storage:\n  uri: http://bucket\n", r"storage\.uri: must be s3://"),
         ("storage:\n  outputs_prefix: ../x\n", r"storage\.outputs_prefix: must be a relative"),
         ("training:\n  mixed_precision: maybe\n", r"training\.mixed_precision: .*boolean"),
         ("training: 3\n", r"training: .*valid dictionary"),
     ],
 )
-def test_bad_values_name_the_setting_and_file(tmp_path: Path, yaml_text: str, expected: str) -> None:
+def test_bad_values_name_the_setting_and_file(
+    tmp_path: Path, yaml_text: str, expected: str
+) -> None:
     path = write(tmp_path, yaml_text)
     with pytest.raises(ConfigError, match=expected) as err:
         load_config(path)
@@ -85,7 +90,9 @@ def test_overrides_apply_and_are_validated(tmp_path: Path) -> None:
     assert cfg.storage.uri == "s3://other-bucket/pre"
     with pytest.raises(ConfigError, match=r"training\.epochs: .*got \"three\""):
         load_config(path, ["training.epochs=three"])
-    with pytest.raises(ConfigError, match=r"trainig: unknown setting \(did you mean .training.\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"trainig: unknown setting \(did you mean .training.\?\)"
+    ):
         load_config(path, ["trainig.epochs=3"])
     with pytest.raises(ConfigError, match=r"expected section\.key=value"):
         load_config(path, ["training.epochs"])

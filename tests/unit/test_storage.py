@@ -176,7 +176,9 @@ def test_s3_bad_credentials_are_access_denied(s3_server, s3_bucket: str, monkeyp
         f'"Action":"s3:GetObject","Resource":"arn:aws:s3:::{s3_bucket}/dataset/*"}}]}}'
     )
     raw.put_bucket_policy(Bucket=s3_bucket, Policy=policy)
-    store = open_storage(StorageConfig(uri=f"s3://{s3_bucket}", endpoint_url=s3_server.endpoint_url))
+    store = open_storage(
+        StorageConfig(uri=f"s3://{s3_bucket}", endpoint_url=s3_server.endpoint_url)
+    )
     try:
         store.read_bytes("dataset/secret.wav")
     except AccessDenied as exc:
