@@ -33,6 +33,14 @@ from tasks.errors import (
 
 log = logging.getLogger(__name__)
 
+
+def _file_mode() -> int:
+    """The mode a plain `open()` would give (mkstemp's 0600 is too strict for a bucket)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 CHUNK = 1 << 20  # bytes per streamed chunk
 # The "folders" created under outputs/ at set-up (DESIGN.md, bucket layout).
 OUTPUT_FOLDERS = (
@@ -179,6 +187,7 @@ class LocalStorage:
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
+            os.chmod(tmp, _file_mode())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -192,6 +201,7 @@ class LocalStorage:
         os.close(fd)
         try:
             shutil.copyfile(path, tmp)
+            os.chmod(tmp, _file_mode())
             os.replace(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

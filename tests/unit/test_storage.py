@@ -200,3 +200,15 @@ def test_env_endpoint_wins_over_config(s3_server, s3_bucket: str, monkeypatch) -
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
     store = open_storage(StorageConfig(uri=f"s3://{s3_bucket}", endpoint_url="http://127.0.0.1:9"))
     store.check()  # reaches moto, not the dead port
+
+
+def test_local_files_get_ordinary_permissions(tmp_path: Path) -> None:
+    store = open_storage(StorageConfig(uri=str(tmp_path)))
+    store.write_bytes("outputs/reports/r/report.html", b"<html></html>")
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x")
+    store.upload_file(src, "outputs/models/m.pt")
+    umask = os.umask(0)
+    os.umask(umask)
+    for rel in ("outputs/reports/r/report.html", "outputs/models/m.pt"):
+        assert (tmp_path / rel).stat().st_mode & 0o777 == 0o666 & ~umask
