@@ -1,0 +1,130 @@
+"""Prefect artifacts of an evaluation: what the UI's Artifacts page shows for each run.
+
+    evaluation-summary     markdown: the headline metrics table and links to the report,
+                           metrics.json, every plot and the models in the bucket
+    evaluation-metrics     table: every metric, one row per fusion
+    plot-<name>            image: the key plots (KEY_PLOTS)
+
+Keys are fixed (lowercase with dashes), so each key's history on the Artifacts page is the run
+after run series. Links come from `Storage.link`: presigned URLs on S3 (they expire after
+`storage.presign_expiry_s`), paths on the local backend.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from prefect.artifacts import (
+    create_image_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
+
+from tasks.evaluation import HEADLINE, METRIC_NAMES
+from tasks.refs import EvaluationRef, TrainedRef
+from tasks.storage import Storage
+
+SUMMARY_KEY = "evaluation-summary"
+TABLE_KEY = "evaluation-metrics"
+KEY_PLOTS = ("roc-curves", "det-curves", "metric-comparison", "reliability", "score-histograms")
+_KEY = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+_LABELS = {
+    "roc_auc": "ROC-AUC",
+    "eer": "EER",
+    "accuracy": "accuracy",
+    "balanced_accuracy": "balanced acc.",
+    "f1": "F1 (fake)",
+    "average_precision": "AP",
+    "ece": "ECE",
+}
+
+
+def artifact_key(name: str) -> str:
+    """`name` as an artifact key: lowercase letters, digits and single dashes."""
+    key = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if not _KEY.match(key):
+        raise ValueError(f"{name!r} gives no usable artifact key")
+    return key
+
+
+def _plot_name(key: str) -> str:
+    return key.rsplit("/", 1)[-1].removesuffix(".png")
+
+
+def _md_link(text: str, href: str) -> str:
+    return f"[{text.replace(']', ')')}]({href.replace(' ', '%20').replace(')', '%29')})"
+
+
+def summary_markdown(store: Storage, ref: EvaluationRef, trained: Sequence[TrainedRef]) -> str:
+    """The markdown artifact: headline table, then links into the bucket."""
+    fusions = list(ref.metrics)
+    head = "| fusion | " + " | ".join(_LABELS[m] for m in HEADLINE) + " |"
+    rule = "|---|" + "---:|" * len(HEADLINE)
+    rows = [
+        f"| {f} | " + " | ".join(f"{ref.metrics[f][m]:.4f}" for m in HEADLINE) + " |"
+        for f in fusions
+    ]
+    plots = " · ".join(_md_link(_plot_name(k), store.link(k)) for k in ref.plot_keys)
+    models = "\n".join(
+        f"- {t.fusion}: {_md_link(store.uri(t.model_key), store.link(t.model_key))} "
+        f"(epochs {t.epochs}, best {t.best_epoch}, val loss {t.best_val_loss:.4f})"
+        for t in trained
+    )
+    lines = [
+        f"# Evaluation of run {ref.run}",
+        "",
+        "Test split; EER and ECE: lower is better.",
+        "",
+        head,
+        rule,
+        *rows,
+        "",
+        f"**Report:** {_md_link('report.html', store.link(ref.report_key))} · "
+        f"**Metrics:** {_md_link('metrics.json', store.link(ref.metrics_key))}",
+        "",
+        f"**Plots ({len(ref.plot_keys)}):** {plots}",
+        "",
+        "**Models:**",
+        "",
+        models,
+    ]
+    if ref.reproduced is not None:
+        lines += [
+            "",
+            "Re-evaluation: the metrics "
+            + (
+                "reproduce the stored metrics.json exactly."
+                if ref.reproduced
+                else "differ from the stored metrics.json (see the flow's log)."
+            ),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def metrics_table(ref: EvaluationRef) -> list[dict[str, float | str]]:
+    """One row per fusion with every metric (rounded to 4 decimals for the UI)."""
+    return [
+        {"fusion": f, **{m: round(ref.metrics[f][m], 4) for m in METRIC_NAMES}} for f in ref.metrics
+    ]
+
+
+def publish_artifacts(
+    store: Storage, ref: EvaluationRef, trained: Sequence[TrainedRef]
+) -> list[str]:
+    """Create the summary, table and key-plot artifacts in the current flow run; returns keys."""
+    description = f"run {ref.run}"
+    create_markdown_artifact(
+        markdown=summary_markdown(store, ref, trained), key=SUMMARY_KEY, description=description
+    )
+    create_table_artifact(table=metrics_table(ref), key=TABLE_KEY, description=description)
+    keys = [SUMMARY_KEY, TABLE_KEY]
+    by_name = {_plot_name(k): k for k in ref.plot_keys}
+    for name in KEY_PLOTS:
+        if name in by_name:
+            key = artifact_key(f"plot-{name}")
+            create_image_artifact(
+                image_url=store.link(by_name[name]), key=key, description=f"{description}: {name}"
+            )
+            keys.append(key)
+    return keys

@@ -1,0 +1,417 @@
+"""Evaluate a run's models on the test split and publish everything to the bucket.
+
+    evaluate_run(cfg, store, run, features, trained, manifest) -> EvaluationRef
+        writes  outputs/reports/<run>/refs.json      what the run evaluated (config, refs)
+                outputs/reports/<run>/metrics.json   deterministic: same models + shards = same file
+                outputs/plots/<run>/<name>.png       the 19 plots (plots.plot_names)
+                outputs/reports/<run>/report.html    the self-contained report
+
+`refs.json` is written first, so `python -m flows.evaluate --run RUN` can redo the evaluation from
+the bucket alone: it names the feature shards of the test split, the model files and the run's
+settings. Training history plots read the run's epoch and step logs, and the embedding projection
+reads the run's emotion vectors, so every plot can be redrawn from the bucket.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from config.load import validate_config
+from config.schema import PipelineConfig
+from tasks import evaluation, plots, training
+from tasks.errors import ConfigError, DataError, ObjectNotFound
+from tasks.layout import FAKE, REAL, Layout
+from tasks.refs import EvaluationRef, FeatureRef, ManifestRef, TrainedRef
+from tasks.report import render_report
+from tasks.shards import DeepfakeDataset
+from tasks.storage import Storage
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # of metrics.json and refs.json
+VECTOR_FIELDS = ("audio_emb", "image_emb", "label", "epoch")  # emotion_vectors-<fusion>.npz
+
+
+# --- what a run evaluated (refs.json) ------------------------------------------------------------
+
+
+def refs_key(layout: Layout, run: str) -> str:
+    return f"{layout.reports(run)}refs.json"
+
+
+class RunRefs(BaseModel):
+    """What a re-evaluation needs, from `refs.json`: the run's settings (with today's storage and
+    evaluation sections) and its references."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run: str
+    config: PipelineConfig
+    features: FeatureRef
+    trained: list[TrainedRef]
+    manifest: ManifestRef | None
+
+
+def save_refs(
+    store: Storage,
+    layout: Layout,
+    run: str,
+    cfg: PipelineConfig,
+    features: FeatureRef,
+    trained: Sequence[TrainedRef],
+    manifest: ManifestRef | None,
+) -> str:
+    doc = {
+        "format_version": FORMAT_VERSION,
+        "run": run,
+        "config": cfg.model_dump(mode="json"),
+        "features": features.model_dump(mode="json"),
+        "trained": [t.model_dump(mode="json") for t in trained],
+        "manifest": manifest.model_dump(mode="json") if manifest is not None else None,
+    }
+    key = refs_key(layout, run)
+    store.write_bytes(key, _json_bytes(doc), "application/json")
+    return key
+
+
+def load_refs(store: Storage, layout: Layout, run: str, current: PipelineConfig) -> RunRefs:
+    """Read `refs.json` of `run`. The run's settings are kept (they describe how it was trained)
+    except `storage` and `evaluation`, which come from `current`: where the bucket is today and
+    how to evaluate. A missing or foreign file is a clear error."""
+    key = refs_key(layout, run)
+    try:
+        raw = store.read_bytes(key)
+    except ObjectNotFound as exc:
+        raise ObjectNotFound(
+            f"{store.uri(key)}: no such object; run {run!r} was never evaluated by "
+            "train-all-fusions (its evaluation writes this file first), so it cannot be "
+            "re-evaluated"
+        ) from exc
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"expected a JSON object with format_version {FORMAT_VERSION}")
+        settings = dict(doc["config"])
+        manifest = doc.get("manifest")
+        features = FeatureRef.model_validate(doc["features"])
+        trained = [TrainedRef.model_validate(t) for t in doc["trained"]]
+        manifest_ref = ManifestRef.model_validate(manifest) if manifest is not None else None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{store.uri(key)}: not a readable refs file ({exc})") from exc
+    settings["storage"] = current.storage.model_dump(mode="json")
+    settings["evaluation"] = current.evaluation.model_dump(mode="json")
+    config = validate_config(settings, source=f"{store.uri(key)} (the run's settings)")
+    return RunRefs(
+        run=run, config=config, features=features, trained=trained, manifest=manifest_ref
+    )
+
+
+def runs_with_models(store: Storage, layout: Layout) -> list[str]:
+    """Run ids that have at least one final model file (outputs/models/<fusion>/<run>/model.pt)."""
+    prefix = f"{layout.outputs}models/"
+    runs = set()
+    for info in store.list(prefix):
+        parts = info.key[len(prefix) :].split("/")
+        if len(parts) == 3 and parts[2] == "model.pt":
+            runs.add(parts[1])
+    return sorted(runs)
+
+
+def latest_run(store: Storage, layout: Layout) -> str:
+    """The newest run (largest id: run ids are UTC timestamps) with models and a refs.json."""
+    runs = runs_with_models(store, layout)
+    for run in reversed(runs):
+        if store.exists(refs_key(layout, run)):
+            return run
+    where = store.uri(f"{layout.outputs}models/")
+    if runs:
+        raise DataError(
+            f"{where}: runs {', '.join(runs)} have models but none was evaluated "
+            "(no refs.json); run train-all-fusions"
+        )
+    raise DataError(f"{where}: no trained models in the bucket; run train-all-fusions first")
+
+
+# --- inference ---------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """The `evaluation.device` setting as a torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("evaluation.device: 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def predict_fusion(
+    cfg: PipelineConfig,
+    store: Storage,
+    trained: TrainedRef,
+    features: FeatureRef,
+    device: torch.device,
+) -> training.Predictions:
+    """Load one model from the bucket (weights only, never pickled code); score the test split."""
+    if not features.shards.get("test"):
+        raise DataError(f"{features.prefix}: the test split has no feature shards to evaluate on")
+    where = store.uri(trained.model_key)
+    model, _meta = training.load_model(store.read_bytes(trained.model_key), where)
+    expected = sum(features.counts.get("test", {}).values())
+    dataset = DeepfakeDataset(
+        cfg.storage, features.shards.get("test", []), shuffle=False, n_samples=expected
+    )
+    predictions = training.predict(model, dataset, device)
+    if len(predictions.score) != expected:
+        log.warning(
+            "%s: scored %d test pairs, the feature set lists %d",
+            trained.fusion,
+            len(predictions.score),
+            expected,
+        )
+    return predictions
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+def _json_bytes(doc: Any) -> bytes:
+    return (json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _check_classes(fusion: str, label: np.ndarray, run: str) -> None:
+    for value, name in ((REAL, "real"), (FAKE, "fake")):
+        if not np.any(label == value):
+            raise DataError(
+                f"run {run}, {fusion}: the test split has no {name} pairs; "
+                "metrics need both classes (more data or another split)"
+            )
+
+
+def metrics_document(
+    run: str,
+    cfg: PipelineConfig,
+    features: FeatureRef,
+    trained: Sequence[TrainedRef],
+    predictions: Mapping[str, training.Predictions],
+) -> dict[str, Any]:
+    """The content of metrics.json: only inputs and results, no clock, so reruns match exactly."""
+    ev = cfg.evaluation
+    fusions: dict[str, Any] = {}
+    for t in trained:
+        p = predictions[t.fusion]
+        label = np.asarray(p.label).astype(np.int64)
+        _check_classes(t.fusion, label, run)
+        fusions[t.fusion] = {
+            "model_key": t.model_key,
+            "epochs": t.epochs,
+            "best_epoch": t.best_epoch,
+            **evaluation.evaluate_scores(
+                label, p.score, list(map(str, p.family)), ev.threshold, ev.calibration_bins
+            ),
+        }
+    return {
+        "format_version": FORMAT_VERSION,
+        "run": run,
+        "split": "test",
+        "threshold": ev.threshold,
+        "calibration_bins": ev.calibration_bins,
+        "device": ev.device,
+        "feature_hash": features.feature_hash,
+        "test_shards": list(features.shards.get("test", [])),
+        "fusions": fusions,
+    }
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any], path: str = "") -> list[str]:
+    """Where two metrics documents differ, as "a.b.c: old -> new" lines (empty = identical)."""
+    out: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        where = f"{path}{key}"
+        if key not in old or key not in new:
+            out.append(f"{where}: {'missing before' if key not in old else 'missing now'}")
+        elif isinstance(old[key], Mapping) and isinstance(new[key], Mapping):
+            out += differences(old[key], new[key], where + ".")
+        elif old[key] != new[key]:
+            out.append(f"{where}: {old[key]!r} -> {new[key]!r}")
+    return out
+
+
+def compare_with_stored(store: Storage, key: str, doc: Mapping[str, Any]) -> bool | None:
+    """Whether `doc` equals the metrics.json already at `key` (None: there is none); differences
+    are logged. An unreadable stored file counts as different."""
+    if not store.exists(key):
+        return None
+    try:
+        stored = json.loads(store.read_bytes(key))
+    except ValueError as exc:
+        stored = {"unreadable": str(exc)}
+    changed = differences(stored, doc) if isinstance(stored, dict) else ["not a JSON object"]
+    if changed:
+        log.warning("%s: the new metrics differ: %s", store.uri(key), "; ".join(changed[:10]))
+    else:
+        log.info("%s: reproduced exactly", store.uri(key))
+    return not changed
+
+
+# --- inputs of the plots -------------------------------------------------------------------------
+
+
+def read_jsonl(store: Storage, key: str) -> list[dict[str, Any]]:
+    """Records of a JSON-lines log; a line that is not a JSON object is an error naming it."""
+    records = []
+    text = store.read_bytes(key).decode("utf-8")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{store.uri(key)}, line {number}: not JSON ({exc.msg})") from exc
+        if not isinstance(record, dict):
+            raise DataError(f"{store.uri(key)}, line {number}: not a JSON object")
+        records.append(record)
+    return records
+
+
+def read_vectors(store: Storage, key: str) -> dict[str, np.ndarray]:
+    """A fusion's emotion vectors (.npz, loaded without pickle)."""
+    try:
+        with np.load(io.BytesIO(store.read_bytes(key)), allow_pickle=False) as npz:
+            return {name: npz[name] for name in VECTOR_FIELDS}
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"{store.uri(key)}: not a readable emotion-vector file ({exc})") from exc
+
+
+def projection(vectors: Mapping[str, np.ndarray]) -> plots.Projection:
+    """Audio and image embeddings projected together onto their first two principal axes."""
+    audio, image = vectors["audio_emb"], vectors["image_emb"]
+    label = np.asarray(vectors["label"]).astype(np.int64)
+    xy = evaluation.project_2d(np.concatenate([audio, image]))  # (2N, 2)
+    return plots.Projection(
+        xy=xy,
+        label=np.concatenate([label, label]),
+        modality=np.array(["audio"] * len(audio) + ["image"] * len(image)),
+        source=f"validation split, best epoch {int(vectors['epoch'])}",
+    )
+
+
+def plot_inputs(
+    cfg: PipelineConfig,
+    store: Storage,
+    layout: Layout,
+    run: str,
+    doc: Mapping[str, Any],
+    predictions: Mapping[str, training.Predictions],
+) -> plots.PlotInputs:
+    """Gather what the plots draw: test-split results, and the run's logs and vectors."""
+    fusions = list(doc["fusions"])
+    ev = cfg.evaluation
+    labels = {f: np.asarray(predictions[f].label).astype(np.int64) for f in fusions}
+    scores = {f: np.asarray(predictions[f].score, dtype=np.float64) for f in fusions}
+    return plots.PlotInputs(
+        history={f: read_jsonl(store, layout.epoch_log(f, run)) for f in fusions},
+        steps={f: read_jsonl(store, layout.step_log(f, run)) for f in fusions},
+        curves={f: evaluation.curves(labels[f], scores[f], ev.calibration_bins) for f in fusions},
+        metrics={f: doc["fusions"][f]["metrics"] for f in fusions},
+        confusion={f: doc["fusions"][f]["confusion"] for f in fusions},
+        families={f: doc["fusions"][f]["families"] for f in fusions},
+        scores={f: (labels[f], scores[f]) for f in fusions},
+        similarity={
+            f: (
+                labels[f],
+                evaluation.cosine_similarity(predictions[f].audio_emb, predictions[f].image_emb),
+            )
+            for f in fusions
+        },
+        projections={
+            f: projection(read_vectors(store, layout.emotion_vectors(f, run))) for f in fusions
+        },
+        threshold=ev.threshold,
+        memory_cap=cfg.memory.cap,
+        shrink_threshold=cfg.memory.shrink_threshold,
+    )
+
+
+# --- the whole evaluation ------------------------------------------------------------------------
+
+
+def evaluate_run(
+    cfg: PipelineConfig,
+    store: Storage,
+    run: str,
+    features: FeatureRef,
+    trained: Sequence[TrainedRef],
+    manifest: ManifestRef | None,
+) -> EvaluationRef:
+    """Score every trained model on the test split, then publish metrics, plots and report."""
+    if not trained:
+        raise DataError(f"run {run}: no trained models to evaluate")
+    layout = Layout.from_config(cfg.storage)
+    save_refs(store, layout, run, cfg, features, trained, manifest)
+    device = resolve_device(cfg.evaluation.device)
+    predictions = {t.fusion: predict_fusion(cfg, store, t, features, device) for t in trained}
+    return publish_evaluation(cfg, store, run, features, trained, manifest, predictions)
+
+
+def publish_evaluation(
+    cfg: PipelineConfig,
+    store: Storage,
+    run: str,
+    features: FeatureRef,
+    trained: Sequence[TrainedRef],
+    manifest: ManifestRef | None,
+    predictions: Mapping[str, training.Predictions],
+) -> EvaluationRef:
+    """Metrics, plots and report from test-split predictions (one entry per trained fusion)."""
+    layout = Layout.from_config(cfg.storage)
+    doc = metrics_document(run, cfg, features, trained, predictions)
+    metrics_key = layout.metrics(run)
+    reproduced = compare_with_stored(store, metrics_key, doc)
+    store.write_bytes(metrics_key, _json_bytes(doc), "application/json")
+
+    figures = plots.draw_all(plot_inputs(cfg, store, layout, run, doc, predictions))
+    pngs: dict[str, bytes] = {}
+    plot_keys = []
+    for name, fig in figures.items():
+        pngs[name] = plots.render_png(fig)
+        key = f"{layout.plots(run)}{name}.png"
+        store.write_bytes(key, pngs[name], "image/png")
+        plot_keys.append(key)
+
+    html = render_report(
+        run=run,
+        doc=doc,
+        plots=pngs,
+        settings=cfg.model_dump(mode="json"),
+        features=features,
+        trained=trained,
+        manifest=manifest,
+        model_links={t.fusion: (store.uri(t.model_key), store.link(t.model_key)) for t in trained},
+        metrics_link=(store.uri(metrics_key), store.link(metrics_key)),
+        generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+    )
+    report_key = layout.report(run)
+    store.write_bytes(report_key, html.encode("utf-8"), "text/html; charset=utf-8")
+    log.info(
+        "run %s: %d plots, metrics and report in %s",
+        run,
+        len(plot_keys),
+        store.uri(layout.reports(run)),
+    )
+    return EvaluationRef(
+        run=run,
+        metrics_key=metrics_key,
+        report_key=report_key,
+        plot_keys=plot_keys,
+        metrics={f: dict(v["metrics"]) for f, v in doc["fusions"].items()},
+        reproduced=reproduced,
+    )

@@ -1,0 +1,123 @@
+"""Prefect artifacts of an evaluation, created in a real (test-harness) flow run and read back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from prefect import flow
+from prefect.artifacts import Artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.runtime import flow_run
+
+from config.schema import StorageConfig
+from tasks import artifacts
+from tasks.evaluation import METRIC_NAMES, calculate_metrics
+from tasks.layout import Layout
+from tasks.plots import plot_names
+from tasks.refs import EvaluationRef
+from tasks.storage import open_storage
+from tests.unit import eval_inputs
+
+RUN = "20260101T000000Z"
+
+
+def evaluation_ref() -> EvaluationRef:
+    layout = Layout()
+    metrics = {}
+    for fusion in eval_inputs.FUSIONS:
+        p = eval_inputs.predictions(fusion)
+        metrics[fusion] = calculate_metrics(p.label, p.score)
+    return EvaluationRef(
+        run=RUN,
+        metrics_key=layout.metrics(RUN),
+        report_key=layout.report(RUN),
+        plot_keys=[f"{layout.plots(RUN)}{n}.png" for n in plot_names(eval_inputs.FUSIONS)],
+        metrics=metrics,
+    )
+
+
+@flow(name="artifact-test")
+def publish_flow(storage: StorageConfig, ref: EvaluationRef) -> tuple[list[str], str]:
+    _, trained, _ = eval_inputs.refs(RUN)
+    keys = artifacts.publish_artifacts(open_storage(storage), ref, trained)
+    return keys, str(flow_run.id)
+
+
+def read_back(flow_run_id: str) -> dict[str, object]:
+    """The artifacts of one flow run, by key."""
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found}
+
+
+def test_artifacts_have_ui_keys_and_presigned_links_on_s3(
+    prefect_harness, s3_server, s3_bucket
+) -> None:
+    storage = StorageConfig(uri=f"s3://{s3_bucket}", endpoint_url=s3_server.endpoint_url)
+    ref = evaluation_ref()
+    keys, run_id = publish_flow(storage, ref)
+    expected = [
+        "evaluation-summary",
+        "evaluation-metrics",
+        "plot-roc-curves",
+        "plot-det-curves",
+        "plot-metric-comparison",
+        "plot-reliability",
+        "plot-score-histograms",
+    ]
+    assert keys == expected
+    found = read_back(run_id)
+    assert set(found) == set(expected)
+    for key in expected:
+        assert artifacts._KEY.match(key)
+
+    summary = found["evaluation-summary"]
+    assert summary.type == "markdown"
+    text = str(summary.data)
+    assert f"# Evaluation of run {RUN}" in text
+    for fusion in eval_inputs.FUSIONS:
+        assert f"| {fusion} | {ref.metrics[fusion]['roc_auc']:.4f} |" in text
+    # links are presigned URLs to the report, metrics, all 19 plots and the models
+    assert (
+        f"[report.html]({s3_server.endpoint_url}/{s3_bucket}/outputs/reports/{RUN}/report.html?"
+        in text
+    )
+    assert text.count("Signature=") == 1 + 1 + 19 + 3
+    assert f"s3://{s3_bucket}/outputs/models/late/{RUN}/model.pt" in text
+
+    table = found["evaluation-metrics"]
+    assert table.type == "table"
+    rows = json.loads(str(table.data))
+    assert [r["fusion"] for r in rows] == list(eval_inputs.FUSIONS)
+    assert set(rows[0]) == {"fusion", *METRIC_NAMES}
+    assert rows[1]["eer"] == round(ref.metrics["mid"]["eer"], 4)
+
+    image = found["plot-roc-curves"]
+    assert image.type == "image"
+    assert str(image.data).startswith(
+        f"{s3_server.endpoint_url}/{s3_bucket}/outputs/plots/{RUN}/roc-curves.png?"
+    )
+    assert Artifact.get("plot-det-curves") is not None
+
+
+def test_local_backend_links_are_paths(prefect_harness, tmp_path: Path) -> None:
+    keys, run_id = publish_flow(StorageConfig(uri=str(tmp_path)), evaluation_ref())
+    found = read_back(run_id)
+    text = str(found["evaluation-summary"].data)
+    report = tmp_path.resolve() / "outputs" / "reports" / RUN / "report.html"
+    assert f"[report.html]({report})" in text
+    assert str(found["plot-roc-curves"].data) == str(
+        tmp_path.resolve() / "outputs" / "plots" / RUN / "roc-curves.png"
+    )
+    assert len(keys) == 7
+
+
+def test_artifact_key_is_lowercase_with_dashes() -> None:
+    assert artifacts.artifact_key("Plot ROC_curves.png") == "plot-roc-curves-png"
+    with pytest.raises(ValueError, match="no usable artifact key"):
+        artifacts.artifact_key("__")

@@ -1,0 +1,198 @@
+"""Publishing an evaluation to the bucket (S3 over HTTP and a local folder), from hand-built
+test-split predictions and training outputs in the contract formats."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from config.schema import PipelineConfig, StorageConfig
+from tasks import publish
+from tasks.errors import DataError, ObjectNotFound
+from tasks.layout import Layout
+from tasks.storage import LocalStorage, open_storage
+from tests.unit import eval_inputs
+
+RUN = "20260101T000000Z"
+
+
+def s3_config(s3_server, bucket: str) -> PipelineConfig:
+    return PipelineConfig(
+        storage=StorageConfig(uri=f"s3://{bucket}", endpoint_url=s3_server.endpoint_url)
+    )
+
+
+def test_publish_writes_metrics_19_plots_and_report_to_s3(s3_server, s3_bucket) -> None:
+    cfg = s3_config(s3_server, s3_bucket)
+    store = open_storage(cfg.storage)
+    layout = Layout.from_config(cfg.storage)
+    eval_inputs.write_training_outputs(store, layout, RUN)
+    features, trained, manifest = eval_inputs.refs(RUN)
+    preds = {f: eval_inputs.predictions(f) for f in eval_inputs.FUSIONS}
+
+    ref = publish.publish_evaluation(cfg, store, RUN, features, trained, manifest, preds)
+
+    assert ref.reproduced is None  # nothing to compare with yet
+    assert ref.metrics_key == f"outputs/reports/{RUN}/metrics.json"
+    assert ref.report_key == f"outputs/reports/{RUN}/report.html"
+    pngs = sorted(o.key for o in store.list(layout.plots(RUN)))
+    assert pngs == sorted(ref.plot_keys) and len(pngs) == 19
+    contents = set()
+    for key in pngs:
+        data = store.read_bytes(key)
+        contents.add(data)
+        with Image.open(io.BytesIO(data)) as img:
+            pixels = np.asarray(img.convert("L"))
+        assert pixels.shape[1] >= 300 and pixels.shape[0] >= 250, key
+        assert pixels.std() > 5, f"{key} is blank"
+    assert len(contents) == 19
+
+    doc = json.loads(store.read_bytes(ref.metrics_key))
+    assert sorted(doc["fusions"]) == sorted(eval_inputs.FUSIONS)
+    assert doc["fusions"]["late"]["metrics"] == ref.metrics["late"]
+    assert (
+        doc["fusions"]["early"]["confusion"]["threshold"][0][0]
+        + doc["fusions"]["early"]["confusion"]["threshold"][0][1]
+        == 20
+    )  # 20 reals
+    assert set(doc["fusions"]["mid"]["families"]) == {"faceswap", "tts"}
+    assert doc["test_shards"] == features.shards["test"]
+    html = store.read_bytes(ref.report_key).decode()
+    assert html.count("data:image/png;base64,") == 19
+
+
+def test_rerun_reproduces_metrics_byte_for_byte_and_other_scores_differ(tmp_path: Path) -> None:
+    cfg = PipelineConfig(storage=StorageConfig(uri=str(tmp_path)))
+    store = LocalStorage(str(tmp_path))
+    layout = Layout()
+    eval_inputs.write_training_outputs(store, layout, RUN, ("mid",))
+    features, trained, manifest = eval_inputs.refs(RUN, ("mid",))
+    preds = {"mid": eval_inputs.predictions("mid")}
+    first = publish.publish_evaluation(cfg, store, RUN, features, trained, manifest, preds)
+    assert len(first.plot_keys) == 17  # one confusion matrix for the one fusion
+    stored = store.read_bytes(first.metrics_key)
+
+    again = publish.publish_evaluation(cfg, store, RUN, features, trained, manifest, preds)
+    assert again.reproduced is True
+    assert store.read_bytes(first.metrics_key) == stored
+
+    other = {"mid": eval_inputs.predictions("mid", seed=5)}
+    changed = publish.metrics_document(RUN, cfg, features, trained, other)
+    assert publish.compare_with_stored(store, first.metrics_key, changed) is False
+
+
+def test_compare_with_stored(tmp_path: Path) -> None:
+    store = LocalStorage(str(tmp_path))
+    assert publish.compare_with_stored(store, "m.json", {"a": 1}) is None
+    store.write_bytes("m.json", b'{"a": 1}')
+    assert publish.compare_with_stored(store, "m.json", {"a": 1}) is True
+    assert publish.compare_with_stored(store, "m.json", {"a": 2}) is False
+    store.write_bytes("m.json", b"{not json")
+    assert publish.compare_with_stored(store, "m.json", {"a": 1}) is False
+
+
+def test_differences_name_the_changed_values() -> None:
+    old = {"a": 1, "f": {"mid": {"auc": 0.9, "n": 4}}}
+    assert publish.differences(old, old) == []
+    new = {"a": 1, "f": {"mid": {"auc": 0.8}}, "b": 2}
+    assert publish.differences(old, new) == [
+        "b: missing before",
+        "f.mid.auc: 0.9 -> 0.8",
+        "f.mid.n: missing now",
+    ]
+
+
+def test_a_test_split_without_one_class_is_refused() -> None:
+    features, trained, _ = eval_inputs.refs(RUN, ("early",))
+    p = eval_inputs.predictions("early")
+    only_fakes = type(p)(**{**p.__dict__, "label": np.ones_like(p.label)})
+    with pytest.raises(DataError, match="early: the test split has no real pairs"):
+        publish.metrics_document(RUN, PipelineConfig(), features, trained, {"early": only_fakes})
+
+
+def test_refs_round_trip_keeps_the_run_settings_but_todays_storage(tmp_path: Path) -> None:
+    store = LocalStorage(str(tmp_path))
+    layout = Layout()
+    run_cfg = PipelineConfig.model_validate(
+        {
+            "storage": {"uri": "s3://old-bucket"},
+            "training": {"epochs": 2},
+            "evaluation": {"threshold": 0.4},
+        }
+    )
+    features, trained, manifest = eval_inputs.refs(RUN)
+    publish.save_refs(store, layout, RUN, run_cfg, features, trained, manifest)
+    today = PipelineConfig.model_validate({"storage": {"uri": str(tmp_path)}})
+    refs = publish.load_refs(store, layout, RUN, today)
+    assert refs.run == RUN and refs.features == features and refs.trained == trained
+    assert refs.manifest == manifest
+    assert refs.config.training.epochs == 2  # how the run was trained
+    assert refs.config.storage.uri == str(tmp_path)  # where the bucket is now
+    assert refs.config.evaluation.threshold == 0.5  # how to evaluate now
+
+
+def test_missing_or_foreign_refs_are_clear_errors(tmp_path: Path) -> None:
+    store = LocalStorage(str(tmp_path))
+    with pytest.raises(ObjectNotFound, match="refs.json: no such object; run 'r1' was never"):
+        publish.load_refs(store, Layout(), "r1", PipelineConfig())
+    store.write_bytes(publish.refs_key(Layout(), "r2"), b'{"format_version": 7}')
+    with pytest.raises(DataError, match="r2/refs.json: not a readable refs file"):
+        publish.load_refs(store, Layout(), "r2", PipelineConfig())
+
+
+def test_latest_run_is_the_newest_with_models_and_refs(tmp_path: Path) -> None:
+    store = LocalStorage(str(tmp_path))
+    layout = Layout()
+    with pytest.raises(DataError, match="no trained models in the bucket"):
+        publish.latest_run(store, layout)
+    for run in ("20260101T000000Z", "20260102T000000Z", "20260103T000000Z"):
+        store.write_bytes(layout.model("early", run), b"x")
+    store.write_bytes(layout.checkpoint("mid", "20260104T000000Z", 1), b"x")  # no model.pt yet
+    with pytest.raises(DataError, match="none was evaluated"):
+        publish.latest_run(store, layout)
+    for run in ("20260101T000000Z", "20260102T000000Z"):
+        store.write_bytes(publish.refs_key(layout, run), b"{}")
+    assert publish.runs_with_models(store, layout) == [
+        "20260101T000000Z",
+        "20260102T000000Z",
+        "20260103T000000Z",
+    ]
+    assert publish.latest_run(store, layout) == "20260102T000000Z"
+
+
+def test_a_bad_log_line_is_named(tmp_path: Path) -> None:
+    store = LocalStorage(str(tmp_path))
+    store.write_bytes("logs/train-early.jsonl", b'{"epoch": 1}\n\n{"epoch": 2\n')
+    with pytest.raises(DataError, match=r"train-early.jsonl, line 3: not JSON"):
+        publish.read_jsonl(store, "logs/train-early.jsonl")
+    store.write_bytes("logs/ok.jsonl", b'{"epoch": 1}\n{"epoch": 2}\n')
+    assert publish.read_jsonl(store, "logs/ok.jsonl") == [{"epoch": 1}, {"epoch": 2}]
+
+
+def test_emotion_vectors_are_read_without_pickle(tmp_path: Path) -> None:
+    store = LocalStorage(str(tmp_path))
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        audio_emb=np.array([object()], dtype=object),
+        image_emb=np.zeros(1),
+        label=np.zeros(1),
+        epoch=np.int64(1),
+    )
+    store.write_bytes("v.npz", buf.getvalue())
+    with pytest.raises(DataError, match="v.npz: not a readable emotion-vector file"):
+        publish.read_vectors(store, "v.npz")
+    store.write_bytes("w.npz", eval_inputs.vectors_npz("late"))
+    proj = publish.projection(publish.read_vectors(store, "w.npz"))
+    assert proj.xy.shape == (60, 2) and set(proj.modality) == {"audio", "image"}
+    assert proj.source == "validation split, best epoch 3"
+
+
+def test_resolve_device() -> None:
+    assert publish.resolve_device("cpu").type == "cpu"
+    assert publish.resolve_device("auto").type in ("cpu", "cuda")

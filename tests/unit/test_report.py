@@ -1,0 +1,106 @@
+"""The HTML report: self-contained, every plot embedded, metrics, models, data and settings."""
+
+from __future__ import annotations
+
+import base64
+import re
+from html.parser import HTMLParser
+
+from config.schema import PipelineConfig
+from tasks import plots, publish
+from tasks.report import render_report
+from tests.unit import eval_inputs
+
+RUN = "20260101T000000Z"
+
+
+class Tags(HTMLParser):
+    """Collects the page's tags and attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+
+def make_report(families: bool = True, manifest: bool = True) -> tuple[str, dict[str, bytes]]:
+    cfg = PipelineConfig()
+    features, trained, manifest_ref = eval_inputs.refs(RUN)
+    preds = {f: eval_inputs.predictions(f, families=families) for f in eval_inputs.FUSIONS}
+    doc = publish.metrics_document(RUN, cfg, features, trained, preds)
+    inputs = eval_inputs.plot_inputs()
+    pngs = {
+        "roc-curves": plots.render_png(plots.plot_roc(inputs.curves, inputs.metrics)),
+        "train-loss": plots.render_png(plots.plot_train_loss(inputs.history)),
+    }
+    page = render_report(
+        run=RUN,
+        doc=doc,
+        plots=pngs,
+        settings=cfg.model_dump(mode="json"),
+        features=features,
+        trained=trained,
+        manifest=manifest_ref if manifest else None,
+        model_links={
+            t.fusion: (f"s3://bkt/{t.model_key}", f"https://x/{t.model_key}?sig=a&b=1")
+            for t in trained
+        },
+        metrics_link=("s3://bkt/outputs/reports/r/metrics.json", "/local/metrics.json"),
+        generated_at="2026-01-01 00:00:00 UTC",
+    )
+    return page, pngs
+
+
+def test_report_is_self_contained_with_every_plot_embedded() -> None:
+    page, pngs = make_report()
+    assert page.startswith("<!DOCTYPE html>")
+    parser = Tags()
+    parser.feed(page)
+    images = [attrs for tag, attrs in parser.tags if tag == "img"]
+    assert len(images) == len(pngs)
+    for attrs, png in zip(images, pngs.values(), strict=True):
+        src = attrs["src"] or ""
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]) == png
+    # nothing loaded from elsewhere: no scripts, stylesheets or remote sources
+    assert not [t for t, _ in parser.tags if t in ("script", "link", "iframe")]
+    assert not re.search(r'src="(?!data:)', page)
+
+
+def test_report_holds_metrics_confusions_and_families() -> None:
+    page, _ = make_report()
+    for fusion in eval_inputs.FUSIONS:
+        assert f"<th>{fusion}</th>" in page
+    p = eval_inputs.predictions("early")
+    metrics = publish.evaluation.calculate_metrics(p.label, p.score)
+    assert f"<td>{metrics['roc_auc']:.4f}</td>" in page
+    assert f"<td>{metrics['eer']:.4f}</td>" in page
+    assert "<td>ece</td>" in page and "<td>tpr_at_1pct_fpr</td>" in page
+    assert "EER threshold" in page and "TP (fake caught)" in page
+    assert "<td>faceswap</td>" in page and "<td>tts</td>" in page
+
+
+def test_report_holds_models_data_and_settings() -> None:
+    page, _ = make_report()
+    # models: URI shown, link escaped
+    assert 'href="https://x/outputs/models/early/20260101T000000Z/model.pt?sig=a&amp;b=1"' in page
+    assert "s3://bkt/outputs/models/late/20260101T000000Z/model.pt" in page
+    assert 'href="/local/metrics.json"' in page
+    # data summary: manifest and usable counts, skipped files with reasons, escaped
+    assert "Pairs in the manifest (200)" in page
+    assert "<td>train</td><td>61</td><td>60</td><td>121</td>" in page
+    assert "Skipped files (2)" in page
+    assert "dataset/audio/fake/&lt;script&gt;bad.wav" in page and "<script>" not in page
+    assert "not a WAV file" in page and "not an image" in page
+    # settings: the whole config
+    assert "&quot;calibration_bins&quot;: 10" in page
+    assert "&quot;fusions&quot;" in page
+
+
+def test_report_without_families_or_manifest_says_so() -> None:
+    page, _ = make_report(families=False, manifest=False)
+    assert "The data names no fake families." in page
+    assert "Pairs in the manifest" not in page
+    assert "Skipped files (1)" in page  # the preprocessing one remains
