@@ -12,7 +12,7 @@ export PREFECT_LOGGING_EXTRA_LOGGERS ?= tasks,models,config,flows
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test venv lint clean data evaluate
+.PHONY: run test venv lint clean data evaluate stack-up stack-down
 
 # Reinstall when either requirements file changes.
 $(STAMP): requirements.txt requirements-dev.txt
@@ -28,6 +28,17 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Local production-like stack (scripts/stack.py): Prefect server + UI on 127.0.0.1:4200, a process
+# worker, SeaweedFS S3 on 127.0.0.1:8333 with the generated benchmark, every deployment of
+# prefect.yaml. Ports and more: make stack-up STACK_ARGS="--prefect-port 4300 --workers 2".
+STACK_DIR ?= .stack
+STACK_ARGS ?=
+stack-up: $(STAMP)
+	$(BIN)/python -m scripts.stack up --dir $(STACK_DIR) $(STACK_ARGS)
+
+stack-down:
+	$(BIN)/python -m scripts.stack down --dir $(STACK_DIR)
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check . && $(BIN)/ruff check . && $(BIN)/mypy tasks config models

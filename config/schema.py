@@ -26,6 +26,9 @@ class Section(BaseModel):
 class RunConfig(Section):
     name: str | None = None  # run id; None = UTC timestamp at flow start, e.g. 20261125T020000Z
     seed: NonNegInt = 42  # one seed for pairing, splits, init and shuffling
+    # Nightly: when the data and the settings are those of the last completed run, stop after the
+    # manifest instead of retraining the same models.
+    skip_if_unchanged: bool = False
 
 
 class StorageConfig(Section):
@@ -67,6 +70,19 @@ class DataConfig(Section):
     fetch_concurrency: PositiveInt = 8  # objects fetched at once while preprocessing
     max_audio_seconds: Annotated[float, Field(gt=0)] = 60.0  # longer audio is refused as corrupt
     max_image_pixels: PositiveInt = 40_000_000  # larger images are refused (decompression bombs)
+    # Audio is cut (or zero-padded) to this many seconds from its start before the log-mel, so the
+    # spec_frames columns always span the same time: hop = clip_seconds * sample_rate / spec_frames.
+    clip_seconds: Annotated[float, Field(gt=0)] = 2.0
+
+
+class GeneratorConfig(Section):
+    """The synthetic benchmark (`tasks/make_dataset.py`), for trying the product without data."""
+
+    # Fill an empty dataset/ with the benchmark before the manifest (the demo). Off in production:
+    # an empty bucket there is a mistake that must fail loudly, not be papered over with toy data.
+    fill_empty_dataset: bool = False
+    n_pairs: Annotated[int, Field(ge=2, strict=True)] = 600  # pairs written (half of them fake)
+    seed: NonNegInt = 1234  # the data's own seed: changing run.seed must not change the data
 
 
 class ModelConfig(Section):
@@ -87,6 +103,9 @@ class TrainingConfig(Section):
     log_every: PositiveInt = 10  # steps between progress lines
     concurrency: Literal["auto"] | PositiveInt = "auto"  # fusions trained at once
     fan_out: bool = False  # run each fusion as a separate train-fusion deployment run
+    # Checkpoints (model + Adam state, ~135 MB for ResNet18) kept per fusion and run; older ones are
+    # deleted after each save. None keeps every epoch; resume needs only the newest.
+    keep_checkpoints: PositiveInt | None = None
 
     @field_validator("fusions")
     @classmethod
@@ -101,7 +120,12 @@ class TrainingConfig(Section):
 class MemoryConfig(Section):
     cap: Fraction = 0.8  # system memory share the trainer must never push past
     shrink_threshold: Fraction = 0.7  # above this share the batch size is halved
-    min_batch_size: PositiveInt = 1  # the guard never shrinks below this
+    # The guard never shrinks below this; at least 2 because BatchNorm cannot normalise a
+    # training batch of one sample.
+    min_batch_size: Annotated[int, Field(ge=2, strict=True)] = 2
+    # At the minimum batch, with memory still too full for the next batch to stay under the cap,
+    # the trainer waits this long for memory to be freed, then fails with MemoryError.
+    cap_wait_s: Annotated[float, Field(ge=0)] = 60.0
 
     @model_validator(mode="after")
     def _threshold_below_cap(self) -> MemoryConfig:
@@ -115,6 +139,9 @@ class MemoryConfig(Section):
 class EvaluationConfig(Section):
     threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5  # score at or above = fake
     calibration_bins: PositiveInt = 10  # bins of the reliability diagram and ECE
+    # Inference device for the test split. The CPU gives bit-identical scores run after run, so
+    # `python -m flows.evaluate` reproduces a run's metrics.json exactly; auto = CUDA when present.
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
 
 
 class PipelineConfig(Section):
@@ -123,6 +150,7 @@ class PipelineConfig(Section):
     run: RunConfig = RunConfig()
     storage: StorageConfig = StorageConfig()
     data: DataConfig = DataConfig()
+    generator: GeneratorConfig = GeneratorConfig()
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     memory: MemoryConfig = MemoryConfig()

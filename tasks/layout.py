@@ -5,7 +5,7 @@ builds a key by hand:
 
     dataset/audio/{real,fake}/*.wav    dataset/images/{real,fake}/*.{jpg,jpeg,png}
     dataset/pairs.csv
-    outputs/manifests/<run>/manifest.parquet
+    outputs/manifests/<run>/manifest.parquet   outputs/manifests/last-run.json
     outputs/cache/features/<content-hash>/shard-*.npz
     outputs/models/<fusion>/<run>/model.pt    outputs/models/<fusion>/<run>/checkpoints/epoch-N.pt
     outputs/models/<fusion>/champion.json
@@ -59,6 +59,10 @@ class Layout:
 
     def manifest_dir(self, run: str) -> str:
         return f"{self.outputs}manifests/{run}/"
+
+    def last_run(self) -> str:
+        """Data hash and config fingerprint of the newest completed run (tasks/champion.py)."""
+        return f"{self.outputs}manifests/last-run.json"
 
     def features(self, content_hash: str) -> str:
         return f"{self.outputs}cache/features/{content_hash}/"

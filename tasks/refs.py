@@ -61,6 +61,9 @@ class EvaluationRef(Ref):
     report_key: str
     plot_keys: list[str]
     metrics: dict[str, dict[str, float]]  # fusion -> headline metrics (auc, eer, accuracy, ...)
+    # Re-evaluation only: True when the new metrics equal the stored metrics.json, False when
+    # they differ (logged), None when there was no stored metrics.json to compare with.
+    reproduced: bool | None = None
 
 
 class RunSummary(Ref):

@@ -1,0 +1,63 @@
+"""`train-fusion`: train one fusion model, from bucket set-up to its best model in the bucket.
+
+The unit a separate worker can run. A run killed mid-epoch resumes from its newest checkpoint when
+it is started again with the same run id:
+
+    python -m flows.train_fusion --config config/demo.yaml --fusion mid --run 20261125T020000Z
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from prefect import flow, get_run_logger
+
+from config import load_config
+from flows.common import base_parser, enable_project_logging, run_cli
+from models import FUSIONS
+from tasks.errors import ConfigError
+from tasks.layout import new_run_id
+from tasks.refs import TrainedRef
+from tasks.steps import build_features, build_manifest, set_up_folders, train_fusion_task
+
+
+@flow(name="train-fusion", log_prints=False)
+def train_fusion(
+    config_path: str = "config/config.yaml",
+    fusion: str = "mid",
+    run: str | None = None,
+    overrides: list[str] | None = None,
+) -> TrainedRef:
+    """Set up the bucket, build (or reuse) the features, train `fusion` under run id `run`."""
+    enable_project_logging()
+    cfg = load_config(config_path, overrides or [])
+    if fusion not in FUSIONS:
+        raise ConfigError(f"fusion {fusion!r}: expected one of {', '.join(FUSIONS)}")
+    run = run or cfg.run.name or new_run_id()
+    get_run_logger().info(
+        "run %s: training %s on %s (config %s); rerun with --run %s to resume it",
+        run, fusion, cfg.storage.uri, config_path, run,
+    )  # fmt: skip
+    set_up_folders(cfg)
+    manifest = build_manifest(cfg, run)
+    features = build_features(cfg, manifest)
+    return train_fusion_task(cfg, features, fusion, run)
+
+
+def main(args: argparse.Namespace) -> TrainedRef:
+    load_config(args.config, args.overrides)  # a bad config fails here, before Prefect starts
+    return train_fusion(
+        config_path=args.config, fusion=args.fusion, run=args.run, overrides=args.overrides
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = base_parser(__doc__ or "")
+    p.add_argument("--fusion", required=True, choices=FUSIONS, help="which fusion to train")
+    p.add_argument("--run", default=None, help="run id; reuse one to resume its training")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, parser()))

@@ -1,0 +1,62 @@
+"""The torch modules: per-modality encoders, the three fusion models, the consistency measure.
+
+`build_model(fusion, cfg)` is the one way the rest of the pipeline makes a model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from models.audio import AudioModel
+from models.consistency import consistency_loss, emotional_consistency
+from models.fusion import (
+    LATE_RULES,
+    EarlyFusionModel,
+    FusionOutput,
+    LateFusionModel,
+    MidFusionModel,
+)
+from models.image import ImageModel
+
+log = logging.getLogger(__name__)
+
+FUSIONS = ("early", "mid", "late")
+
+__all__ = [
+    "FUSIONS",
+    "LATE_RULES",
+    "AudioModel",
+    "EarlyFusionModel",
+    "FusionOutput",
+    "ImageModel",
+    "LateFusionModel",
+    "MidFusionModel",
+    "build_model",
+    "consistency_loss",
+    "emotional_consistency",
+]
+
+
+def build_model(
+    fusion: str, cfg: Any, image_weights: Mapping[str, Tensor] | None = None
+) -> nn.Module:
+    """The fusion model named `fusion` ("early", "mid" or "late") for a `PipelineConfig`.
+
+    `image_weights`: an optional torchvision ResNet18 state dict (what
+    `model.pretrained_image_weights` names, already read by the caller) for the image branch of
+    the mid and late models.
+    """
+    dim = cfg.model.embedding_dim
+    if fusion == "early":
+        if image_weights is not None:
+            log.info("early fusion has no ResNet18 branch: model.pretrained_image_weights unused")
+        return EarlyFusionModel(dim)
+    if fusion == "mid":
+        return MidFusionModel(dim, image_weights)
+    if fusion == "late":
+        return LateFusionModel(dim, image_weights, rule=cfg.model.late_fusion_rule)
+    raise ValueError(f"unknown fusion {fusion!r}: expected one of {', '.join(FUSIONS)}")

@@ -1,0 +1,1 @@
+"""End-to-end tests: real Prefect server, workers and SeaweedFS (marker e2e)."""

@@ -1,0 +1,399 @@
+"""End to end in the production shape: a real `prefect server start`, two real process workers,
+a real SeaweedFS S3 store, `prefect --no-prompt deploy --all`, then
+`prefect deployment run train-all-fusions/nightly --watch` on config/e2e.yaml.
+
+Checked over the Prefect API: the run Completed, its task runs, its log lines, its artifacts;
+over the S3 API: what the run left in the bucket. The expectations are listed per pipeline stage
+(STAGES); WIRED names the stages train-all-fusions runs today, and every wired stage is asserted
+in full. When a step is wired into the flow, add its stage to WIRED.
+
+A second test fans the fusions out over both workers (once train-all-fusions fans out), a third
+kills the worker running a training and shows the re-run resuming from the last checkpoint.
+
+The stack is started by the same code as `make stack-up` (scripts/stack.py), on free ports in a
+temporary folder, and always stopped at the end (process groups, and the flow runs the workers
+started in sessions of their own); the module checks that no process, socket or folder is left.
+
+    .venv/bin/python -m pytest tests/e2e -q    # 4-7 minutes on the shared 2-core machine
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from scripts import stack as stack_mod
+from scripts.stack import StackSettings, StackState, WeedPorts
+
+pytestmark = pytest.mark.e2e
+
+CONFIG = "config/e2e.yaml"
+BUCKET = "deepfake-e2e"  # config/e2e.yaml's storage.uri
+FUSIONS = ("early", "mid", "late")
+RUN = f"e2e-{uuid.uuid4().hex[:8]}"  # run.name override: every key of the run is known
+DEPLOYMENTS = {"train-all-fusions/nightly", "train-fusion/fan-out", "evaluate-models/on-demand"}
+WATCH_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What one pipeline stage leaves behind."""
+
+    tasks: tuple[str, ...] = ()  # task run names (Prefect may add a "-abc" suffix), one run each
+    objects: tuple[tuple[str, int | None], ...] = ()  # (glob over bucket keys, count; None: >= 1)
+    logs: tuple[str, ...] = ()  # regexes, each matched by at least one log line of the run
+    loggers: tuple[str, ...] = ()  # logger names with INFO lines in the run's logs (project's own)
+    artifacts: tuple[str, ...] = ()  # artifact keys created by the run
+
+
+OUTPUT_FOLDERS = (
+    "models",
+    "plots",
+    "logs",
+    "manifests",
+    "cache/features",
+    "intermediates",
+    "reports",
+)
+STAGES: dict[str, Stage] = {
+    "set-up": Stage(
+        tasks=("set-up-folders",),
+        objects=tuple((f"outputs/{folder}/", 1) for folder in OUTPUT_FOLDERS),
+        logs=(rf"run {RUN} on s3://{BUCKET}", rf"output folders ready in s3://{BUCKET}"),
+    ),
+    "manifest": Stage(
+        tasks=("build-manifest",),
+        objects=((f"outputs/manifests/{RUN}/manifest.parquet", 1),),
+    ),
+    "preprocess": Stage(
+        tasks=("build-features",),
+        objects=(("outputs/cache/features/*/shard-*", None),),
+    ),
+    "training": Stage(
+        tasks=tuple(f"train-{f}" for f in FUSIONS),
+        objects=(
+            *((f"outputs/models/{f}/{RUN}/model.pt", 1) for f in FUSIONS),
+            *((f"outputs/models/{f}/{RUN}/checkpoints/epoch-1.pt", 1) for f in FUSIONS),
+            *((f"outputs/intermediates/{RUN}/emotion_vectors-{f}.npz", 1) for f in FUSIONS),
+            (f"outputs/intermediates/{RUN}/losses.csv", 1),
+            *((f"outputs/logs/{RUN}/train-{f}.jsonl", 1) for f in FUSIONS),
+            *((f"outputs/logs/{RUN}/steps-{f}.jsonl", 1) for f in FUSIONS),
+        ),
+        logs=tuple(rf"\b{f} epoch 1/1: train loss" for f in FUSIONS),  # the per-epoch lines
+        loggers=("tasks.training",),
+    ),
+    "evaluation": Stage(
+        tasks=("evaluate-and-publish",),
+        objects=(
+            (f"outputs/reports/{RUN}/report.html", 1),
+            (f"outputs/reports/{RUN}/metrics.json", 1),
+            (f"outputs/plots/{RUN}/*.png", 19),
+        ),
+        artifacts=("evaluation-metrics", "evaluation-summary"),
+    ),
+}
+WIRED: tuple[str, ...] = ("set-up",)  # stages train-all-fusions runs today; extend as they land
+FAN_OUT_WIRED = False  # train-all-fusions calls flows.fanout.train_on_workers when fan_out is on
+
+
+# --- the stack ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Running:
+    state: StackState
+    settings: StackSettings
+
+
+@pytest.fixture(scope="module")
+def running() -> Iterator[Running]:
+    """Server, two workers (at most two runs each), SeaweedFS, benchmark, deployments; stopped
+    and removed afterwards whatever happened."""
+    root = Path(tempfile.mkdtemp(prefix="e2e-stack-"))
+    ports = stack_mod.free_ports(9)
+    settings = StackSettings(
+        root=root,
+        prefect_port=ports[0],
+        weed=WeedPorts(*ports[1:]),
+        workers=2,
+        worker_limit=2,
+        worker_poll_s=2,
+        bucket=BUCKET,
+        dataset_config=CONFIG,
+        dataset_pairs=96,
+        scheduler=False,  # the nightly schedule exists, but no 02:00 run joins the test
+        startup_timeout_s=240,
+    )
+    try:
+        yield Running(stack_mod.up(settings), settings)
+    finally:
+        leftovers: list[str] = []
+        if (root / stack_mod.STATE_FILE).exists():
+            recorded = StackState.load(root)
+            try:
+                stack_mod.down(root, grace_s=3)  # the store's data is thrown away: no need to wait
+            except stack_mod.StackError as exc:
+                leftovers.append(str(exc))
+            leftovers += [p.name for p in recorded.processes if stack_mod._tree(p)]
+            leftovers += [str(proc.pid) for proc in stack_mod._marked(root.resolve())]
+            leftovers += [
+                str(s) for s in stack_mod._weed_tmp_sockets(recorded.weed_ports) if s.exists()
+            ]
+        shutil.rmtree(root, ignore_errors=True)
+        assert not leftovers, f"left behind: {leftovers}"
+        assert not root.exists()
+
+
+@pytest.fixture
+def stack(running: Running) -> StackState:
+    return running.state
+
+
+def run_deployment(state: StackState, name: str, params: dict, watch: bool = True) -> str:
+    """`prefect deployment run <name> [--watch]` on config/e2e.yaml; returns the flow run id."""
+    params = {"config_path": CONFIG, **params}
+    params["overrides"] = [f"storage.endpoint_url={state.s3_endpoint}", *params["overrides"]]
+    argv = ["prefect", "deployment", "run", name, "--params", json.dumps(params)]
+    if watch:
+        argv += ["--watch", "--watch-timeout", str(WATCH_TIMEOUT_S)]
+    log_path = Path(state.root) / "logs" / "deployment-run.log"
+    try:
+        output = stack_mod.run_cli(argv, state.client_env(), log_path, cwd=stack_mod.PROJECT_DIR,
+                                   timeout_s=WATCH_TIMEOUT_S + 60)  # fmt: skip
+    except stack_mod.StackError as exc:
+        pytest.fail(f"{exc}\n\n{worker_logs(state)}")
+    match = re.search(r"UUID: ([0-9a-f-]{36})", output)
+    assert match, f"no flow run id in the CLI output:\n{output}"
+    return match.group(1)
+
+
+def run_nightly(state: StackState, overrides: list[str]) -> str:
+    """`prefect deployment run train-all-fusions/nightly --watch`; returns the flow run id."""
+    return run_deployment(state, "train-all-fusions/nightly", {"overrides": overrides})
+
+
+def worker_logs(state: StackState) -> str:
+    return "\n".join(
+        f"--- {p.name} ---\n{stack_mod._tail(stack_mod._read(p.log), 40)}"
+        for p in state.processes
+        if p.name.startswith("stack-worker")
+    )
+
+
+def bucket_keys(state: StackState) -> list[str]:
+    client = stack_mod.s3_client(state)
+    keys = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=state.bucket):
+        keys += [obj["Key"] for obj in page.get("Contents", [])]
+    return keys
+
+
+def read_run(
+    state: StackState, flow_run_id: str
+) -> tuple[object, list[object], list[object], list[object]]:
+    """The flow run, its task runs, its logs (task logs included) and its artifacts."""
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    run_id = uuid.UUID(flow_run_id)
+    with stack_mod.prefect_client(state) as client:
+        flow_run = client.read_flow_run(run_id)
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+        )
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+    return flow_run, task_runs, logs, artifacts
+
+
+def base_name(task_run_name: str, expected: set[str]) -> str:
+    """ "set-up-folders-18d" -> "set-up-folders" when that is an expected name."""
+    if task_run_name in expected:
+        return task_run_name
+    stem = task_run_name.rsplit("-", 1)[0]
+    return stem if stem in expected else task_run_name
+
+
+# --- tests ----------------------------------------------------------------------------------------
+
+
+def test_stack_is_up_and_deployed(stack: StackState):
+    """Deployments with the nightly cron, two online workers, the benchmark in the bucket."""
+    with stack_mod.prefect_client(stack) as client:
+        nightly = client.read_deployment_by_name("train-all-fusions/nightly")
+        workers = {w.name for w in client.read_workers_for_work_pool(stack.pool)}
+    assert {d.split("  ")[0] for d in stack.deployments} == DEPLOYMENTS
+    crons = [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules]
+    assert crons == [("0 2 * * *", "UTC")]
+    assert nightly.parameters == {"config_path": "config/config.yaml", "overrides": []}
+    assert nightly.work_pool_name == stack.pool
+    assert workers == {"stack-worker-1", "stack-worker-2"}
+    output = stack_mod.run_cli(
+        ["prefect", "deployment", "ls", "-o", "json"],
+        stack.client_env(),
+        Path(stack.root) / "logs" / "deployment-ls.log",
+    )
+    listed = json.loads(output[output.index("[") :])  # the acceptance's `prefect deployment ls`
+    [listed_nightly] = [d for d in listed if d["id"] == str(nightly.id)]
+    assert listed_nightly["name"] == "nightly"
+    assert [s["schedule"]["cron"] for s in listed_nightly["schedules"]] == ["0 2 * * *"]
+    keys = set(bucket_keys(stack))
+    assert "dataset/pairs.csv" in keys
+    assert sum(k.startswith("dataset/audio/") for k in keys) == 96
+    assert sum(k.startswith("dataset/images/") for k in keys) == 96
+
+
+def test_nightly_deployment_runs_the_pipeline(stack: StackState):
+    assert set(WIRED) <= set(STAGES), f"unknown stages in WIRED: {set(WIRED) - set(STAGES)}"
+    flow_run_id = run_nightly(stack, [f"run.name={RUN}"])
+    flow_run, task_runs, logs, artifacts = read_run(stack, flow_run_id)
+    expected = [STAGES[name] for name in WIRED]
+
+    assert flow_run.state_name == "Completed", worker_logs(stack)
+    assert flow_run.parameters["config_path"] == CONFIG
+
+    names = {t for stage in expected for t in stage.tasks}
+    counts = Counter(base_name(t.name, names) for t in task_runs)
+    for name in sorted(names):
+        assert counts[name] == 1, f"task {name}: {counts[name]} runs; all: {dict(counts)}"
+    assert all(t.state_name == "Completed" for t in task_runs), [
+        (t.name, t.state_name) for t in task_runs
+    ]
+
+    messages = [log.message for log in logs]
+    for stage in expected:
+        for pattern in stage.logs:
+            assert any(re.search(pattern, m) for m in messages), (
+                f"no log line matches {pattern!r}; the run logged:\n" + "\n".join(messages)
+            )
+        for logger in stage.loggers:
+            assert any(log.name == logger and log.level == 20 for log in logs), (
+                f"no INFO line from logger {logger!r}: {sorted({log.name for log in logs})}"
+            )
+
+    keys = {a.key for a in artifacts if a.key}
+    for stage in expected:
+        missing = set(stage.artifacts) - keys
+        assert not missing, f"artifacts {missing} missing; the run created {sorted(keys)}"
+    if "evaluation" in WIRED:
+        table = next(a for a in artifacts if a.key == "evaluation-metrics")
+        assert table.type == "table" and "auc" in json.dumps(table.data).lower()
+
+    objects = bucket_keys(stack)
+    for stage in expected:
+        for pattern, count in stage.objects:
+            found = fnmatch.filter(objects, pattern)
+            if count is None:
+                assert found, f"nothing in s3://{BUCKET} matches {pattern}"
+            else:
+                assert len(found) == count, f"{pattern}: {len(found)} objects, expected {count}"
+
+
+@pytest.mark.skipif(not FAN_OUT_WIRED, reason="train-all-fusions does not fan out yet")
+def test_fan_out_spreads_fusions_over_both_workers(stack: StackState):
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterTags,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    run = f"{RUN}-fan"
+    parent_id = run_nightly(stack, [f"run.name={run}", "training.fan_out=true"])
+    with stack_mod.prefect_client(stack) as client:
+        assert client.read_flow_run(uuid.UUID(parent_id)).state_name == "Completed"
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"run-{run}"]))
+        )
+        assert sorted(c.name for c in children) == sorted(f"{run}-{f}" for f in FUSIONS)
+        assert all(c.state_name == "Completed" for c in children)
+        logs = client.read_logs(
+            LogFilter(flow_run_id=LogFilterFlowRunId(any_=[c.id for c in children]))
+        )
+    workers_used = {
+        m.group(1)
+        for log in logs
+        if (m := re.match(r"Worker '([\w-]+)' submitting flow run", log.message))
+    }
+    assert workers_used == {"stack-worker-1", "stack-worker-2"}, worker_logs(stack)
+    keys = bucket_keys(stack)
+    for f in FUSIONS:
+        assert f"outputs/models/{f}/{run}/model.pt" in keys
+    # Three processes on two workers update the run's one losses.csv: no fusion's rows are lost.
+    losses = (
+        stack_mod.s3_client(stack)
+        .get_object(Bucket=BUCKET, Key=f"outputs/intermediates/{run}/losses.csv")["Body"]
+        .read()
+        .decode()
+    )
+    assert {line.split(",")[0] for line in losses.splitlines()[1:]} == set(FUSIONS)
+
+
+def test_killed_worker_resumes_training_from_its_checkpoint(running: Running):
+    """Kill the worker running a training (SIGKILL to its process group, flow run included),
+    start it again, re-run the deployment with the same run id: training goes on after the
+    newest checkpoint, and every epoch is in the log exactly once."""
+    state, epochs, run = running.state, 3, f"{RUN}-resume"
+    params = {"overrides": [f"training.epochs={epochs}"], "fusion": "mid", "run": run}
+    first = run_deployment(state, "train-fusion/fan-out", params, watch=False)
+    checkpoints = f"outputs/models/mid/{run}/checkpoints/"
+    deadline = time.monotonic() + WATCH_TIMEOUT_S
+    while not fnmatch.filter(bucket_keys(state), f"{checkpoints}epoch-*.pt"):
+        assert time.monotonic() < deadline, f"no checkpoint after {WATCH_TIMEOUT_S} s"
+        time.sleep(0.5)
+    worker = ran_on(state, first)
+    stack_mod.kill(state, worker)
+    done_before_kill = fnmatch.filter(bucket_keys(state), f"{checkpoints}epoch-*.pt")
+    assert f"{checkpoints}epoch-{epochs}.pt" not in done_before_kill, "finished before the kill"
+    stack_mod.start_worker(state, running.settings, worker)
+    stack_mod.wait_for_workers(state, 120)
+
+    second = run_deployment(state, "train-fusion/fan-out", params)
+    flow_run, _, logs, _ = read_run(state, second)
+    assert flow_run.state_name == "Completed", worker_logs(state)
+    resumed = [m for log in logs if (m := re.search(r"resumed after epoch (\d+)", log.message))]
+    assert resumed and int(resumed[0].group(1)) >= 1, [log.message for log in logs]
+    lines = (
+        stack_mod.s3_client(state)
+        .get_object(Bucket=BUCKET, Key=f"outputs/logs/{run}/train-mid.jsonl")["Body"]
+        .read()
+        .splitlines()
+    )
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, epochs + 1))
+    assert f"outputs/models/mid/{run}/model.pt" in bucket_keys(state)
+
+
+def ran_on(state: StackState, flow_run_id: str) -> str:
+    """The worker that started the flow run's process (its infrastructure_pid)."""
+    deadline = time.monotonic() + 60
+    with stack_mod.prefect_client(state) as client:
+        while not (infra := client.read_flow_run(uuid.UUID(flow_run_id)).infrastructure_pid):
+            assert time.monotonic() < deadline, f"flow run {flow_run_id}: no infrastructure_pid"
+            time.sleep(0.5)
+    pid = int(infra.rsplit(":", 1)[-1])  # "<hostname>:<pid>"
+    owners = [
+        p.name
+        for p in state.processes
+        if p.name.startswith("stack-worker") and pid in {m.pid for m in stack_mod._tree(p)}
+    ]
+    assert len(owners) == 1, f"flow run process {pid} belongs to {owners}"
+    return owners[0]

@@ -1,0 +1,267 @@
+"""What puts the pipeline into production: prefect.yaml, the work pool, the worker's systemd unit,
+cloud-init, and the least-privilege IAM policy. No server here (tests/e2e deploys for real)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from config.load import load_config, validate_config
+from deployments.iam_policy import bucket_policy
+from deployments.iam_policy import main as iam_main
+from flows.fanout import TRAIN_FUSION_DEPLOYMENT
+from tasks.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deployments"
+
+
+def prefect_yaml() -> dict:
+    return yaml.safe_load((ROOT / "prefect.yaml").read_text())
+
+
+def flow_name(entrypoint: str) -> str:
+    """The `@flow(name=...)` of an entrypoint "path.py:function", read without importing it."""
+    path, func = entrypoint.split(":")
+    tree = ast.parse((ROOT / path).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == func:
+            for dec in node.decorator_list:
+                if isinstance(dec, ast.Call) and getattr(dec.func, "id", "") == "flow":
+                    return next(k.value.value for k in dec.keywords if k.arg == "name")
+    raise AssertionError(f"{entrypoint}: no @flow(name=...) function {func}")
+
+
+def deployment_names() -> set[str]:
+    return {f"{flow_name(d['entrypoint'])}/{d['name']}" for d in prefect_yaml()["deployments"]}
+
+
+def test_prefect_yaml_is_valid_for_prefect():
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    model = PrefectYamlModel.model_validate(prefect_yaml())
+    assert len(model.deployments) == 3 and all(d.name and d.entrypoint for d in model.deployments)
+
+
+def test_deployments_are_the_designed_ones():
+    assert deployment_names() == {
+        "train-all-fusions/nightly",
+        "train-fusion/fan-out",
+        "evaluate-models/on-demand",
+    }
+    assert TRAIN_FUSION_DEPLOYMENT in deployment_names()  # what fan-out starts exists
+
+
+def test_nightly_cron_is_set_once_at_02_utc():
+    from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
+
+    text = (ROOT / "prefect.yaml").read_text()
+    assert len(re.findall(r"^\s*- cron:", text, re.MULTILINE)) == 1
+    by_name = {d["name"]: d for d in prefect_yaml()["deployments"]}
+    [nightly_schedule] = by_name["nightly"]["schedules"]
+    schedule = _schedule_config_to_deployment_schedule(nightly_schedule)["schedule"]
+    assert (schedule.cron, schedule.timezone) == ("0 2 * * *", "UTC")
+    assert all("schedules" not in d for name, d in by_name.items() if name != "nightly")
+
+
+def test_parameters_carry_config_path_and_overrides_only():
+    for dep in prefect_yaml()["deployments"]:
+        assert dep["parameters"] == {"config_path": "config/config.yaml", "overrides": []}
+        load_config(ROOT / dep["parameters"]["config_path"])  # the path resolves and validates
+
+
+def test_pull_step_sets_the_project_directory():
+    spec = prefect_yaml()
+    [build] = spec["build"]
+    step = build["prefect.deployments.steps.run_shell_script"]
+    assert step["id"] == "project" and "DEEPFAKE_PROJECT_DIR" in step["script"]
+    [pull] = spec["pull"]
+    assert pull == {
+        "prefect.deployments.steps.set_working_directory": {"directory": "{{ project.stdout }}"}
+    }
+    for dep in spec["deployments"]:
+        env = dep["work_pool"]["job_variables"]["env"]
+        assert env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "tasks,models,config,flows"
+        assert "name" not in dep["work_pool"]  # the pool comes from PREFECT_DEFAULT_WORK_POOL_NAME
+
+
+def default_pool() -> str:
+    return tomllib.loads((ROOT / "prefect.toml").read_text())["deployments"][
+        "default_work_pool_name"
+    ]
+
+
+def test_prefect_settings_give_the_default_pool(monkeypatch):
+    from prefect.settings import Settings
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("PREFECT_DEFAULT_WORK_POOL_NAME", raising=False)
+    monkeypatch.delenv("PREFECT_DEPLOYMENTS_DEFAULT_WORK_POOL_NAME", raising=False)
+    assert Settings().deployments.default_work_pool_name == default_pool() == "deepfake-pool"
+    monkeypatch.setenv("PREFECT_DEFAULT_WORK_POOL_NAME", "other-pool")
+    assert Settings().deployments.default_work_pool_name == "other-pool"
+
+
+@pytest.mark.parametrize(
+    ("env_pool", "arg", "expected"),
+    [
+        (None, None, "deepfake-pool"),
+        ("env-pool", None, "env-pool"),
+        ("env-pool", "arg-pool", "arg-pool"),
+    ],
+)
+def test_work_pool_script_creates_a_process_pool(tmp_path, env_pool, arg, expected):
+    fake = tmp_path / "prefect"
+    fake.write_text('#!/bin/sh\necho "prefect $*"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT"] = str(fake)
+    if env_pool:
+        env["PREFECT_DEFAULT_WORK_POOL_NAME"] = env_pool
+    out = subprocess.run(
+        [str(DEPLOY / "create-work-pool.sh"), *([arg] if arg else [])],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"prefect work-pool create {expected} --type process --overwrite" in out
+
+
+# --- IAM policy -----------------------------------------------------------------------------------
+
+
+def resources(policy: dict) -> list[str]:
+    return [
+        r
+        for s in policy["Statement"]
+        for r in (s["Resource"] if isinstance(s["Resource"], list) else [s["Resource"]])
+    ]
+
+
+def test_committed_policy_is_generated_from_config_yaml(capsys):
+    assert iam_main(["--config", str(ROOT / "config/config.yaml")]) == 0
+    generated = json.loads(capsys.readouterr().out)
+    committed = json.loads((DEPLOY / "iam-policy.json").read_text())
+    assert committed == generated, (
+        "regenerate: python -m deployments.iam_policy > deployments/iam-policy.json"
+    )
+
+
+def test_policy_grants_exactly_list_get_and_put_on_the_bucket():
+    policy = json.loads((DEPLOY / "iam-policy.json").read_text())
+    bucket = load_config(ROOT / "config/config.yaml").storage.uri.removeprefix("s3://")
+    grants = {(a, s["Resource"]) for s in policy["Statement"] for a in s["Action"]}
+    assert all(s["Effect"] == "Allow" for s in policy["Statement"])
+    assert grants == {
+        ("s3:ListBucket", f"arn:aws:s3:::{bucket}"),
+        ("s3:GetObject", f"arn:aws:s3:::{bucket}/dataset/*"),
+        ("s3:GetObject", f"arn:aws:s3:::{bucket}/outputs/*"),
+        ("s3:PutObject", f"arn:aws:s3:::{bucket}/outputs/*"),
+    }
+    assert all(re.fullmatch(rf"arn:aws:s3:::{bucket}(/.*)?", r) for r in resources(policy))
+    assert "*" not in json.dumps(policy).replace("/dataset/*", "").replace("/outputs/*", "")
+
+
+def test_policy_follows_prefixes_and_checkpoint_pruning():
+    cfg = validate_config({
+        "storage": {"uri": "s3://team-bkt/deepfake", "outputs_prefix": "results/"},
+        "training": {"keep_checkpoints": 2},
+    })  # fmt: skip
+    policy = bucket_policy(cfg)
+    assert set(resources(policy)) == {
+        "arn:aws:s3:::team-bkt",
+        "arn:aws:s3:::team-bkt/deepfake/dataset/*",
+        "arn:aws:s3:::team-bkt/deepfake/results/*",
+        "arn:aws:s3:::team-bkt/deepfake/results/models/*/checkpoints/*",
+    }
+    [delete] = [s for s in policy["Statement"] if "s3:DeleteObject" in s["Action"]]
+    assert delete["Action"] == ["s3:DeleteObject"]
+
+
+def test_policy_needs_an_s3_bucket(capsys):
+    with pytest.raises(ConfigError, match="storage.uri: an IAM policy needs an s3:// bucket"):
+        bucket_policy(validate_config({"storage": {"uri": "./bucket"}}))
+    assert iam_main(["--config", str(ROOT / "config/demo.yaml")]) == 2
+    assert "needs an s3:// bucket" in capsys.readouterr().err
+
+
+# --- systemd unit, env file, cloud-init -----------------------------------------------------------
+
+
+def verify_unit(unit_text: str, tmp_path: Path) -> str:
+    """`systemd-analyze verify` on the unit with its install dir moved under tmp_path (verify
+    insists that ExecStart's binary exists); returns what it printed about the unit."""
+    install = tmp_path / "opt"
+    (install / ".venv/bin").mkdir(parents=True)
+    (install / ".venv/bin/prefect").write_text("#!/bin/sh\n")
+    (install / ".venv/bin/prefect").chmod(0o755)
+    unit = tmp_path / "prefect-worker.service"
+    unit.write_text(unit_text.replace("/opt/deepfake-detector", str(install)))
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, cwd=tmp_path
+    )
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "prefect-worker" in ln]
+    return "\n".join(lines + ([f"exit {proc.returncode}"] if proc.returncode else []))
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_systemd_unit_passes_verify(tmp_path):
+    text = (DEPLOY / "prefect-worker.service").read_text()
+    assert verify_unit(text, tmp_path / "good") == ""
+    # The check can fail: a misspelt setting is reported.
+    assert "restart specifier" in verify_unit(
+        text.replace("Restart=always", "Restart=sometimes"), tmp_path / "bad"
+    )
+
+
+def test_systemd_unit_runs_a_restarting_worker_on_the_pool():
+    text = (DEPLOY / "prefect-worker.service").read_text()
+    exec_start = re.search(r"^ExecStart=(.*)$", text, re.MULTILINE).group(1)
+    assert "prefect worker start --pool ${PREFECT_DEFAULT_WORK_POOL_NAME}" in exec_start
+    assert re.search(r"^Restart=always$", text, re.MULTILINE)
+    assert "EnvironmentFile=/etc/deepfake-detector/worker.env" in text
+
+
+def env_keys(text: str) -> set[str]:
+    return {ln.split("=", 1)[0] for ln in text.splitlines() if re.match(r"^[A-Z_]+=", ln)}
+
+
+def test_env_template_holds_settings_and_no_secrets():
+    keys = env_keys((DEPLOY / "worker.env.example").read_text())
+    assert {
+        "PREFECT_API_URL",
+        "PREFECT_DEFAULT_WORK_POOL_NAME",
+        "PREFECT_LOGGING_EXTRA_LOGGERS",
+        "PYTHONPATH",
+    } <= keys
+    assert not keys & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+
+
+def test_cloud_init_installs_the_project_and_starts_the_unit(tmp_path):
+    text = (DEPLOY / "cloud-init.yaml").read_text()
+    assert text.startswith("#cloud-config\n")
+    data = yaml.safe_load(text)
+    files = {f["path"]: f["content"] for f in data["write_files"]}
+    script = files["/usr/local/sbin/install-deepfake-worker"]
+    (tmp_path / "install.sh").write_text(script)
+    subprocess.run(["bash", "-n", str(tmp_path / "install.sh")], check=True)
+    for used in (
+        "deployments/prefect-worker.service",
+        "deployments/create-work-pool.sh",
+        "requirements.txt",
+    ):
+        assert used in script and (ROOT / used).exists()
+    assert "systemctl enable prefect-worker" in script and "pip install" in script
+    assert ["/usr/local/sbin/install-deepfake-worker"] in data["runcmd"]
+    worker_env = env_keys(files["/etc/deepfake-detector/worker.env"])
+    assert worker_env == env_keys((DEPLOY / "worker.env.example").read_text())

@@ -1,0 +1,184 @@
+"""Model shapes, gradients, fusion rules and pretrained weights, on tiny CPU inputs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.models import resnet18
+
+from config.load import validate_config
+from models import FUSIONS, AudioModel, FusionOutput, ImageModel, build_model, consistency_loss
+
+B, M, T, S = 4, 16, 24, 32  # batch, mel bands, frames, image side: tiny on purpose
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: tiny tensors gain nothing from more, and on a shared CPU extra
+    threads only contend (several times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def config(**model: object) -> object:
+    return validate_config({"model": dict(model)})
+
+
+def inputs(b: int = B, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    audio = torch.randn(b, 1, M, T, generator=g)  # (B, 1, M, T)
+    image = torch.rand(b, 3, S, S, generator=g)  # (B, 3, S, S)
+    return audio, image
+
+
+VARIANTS = [
+    ("early", "learned"),
+    ("mid", "learned"),
+    *(("late", r) for r in ("learned", "mean", "max")),
+]
+
+
+@pytest.mark.parametrize(("fusion", "rule"), VARIANTS)
+def test_forward_shapes_and_gradients_reach_both_branches(fusion: str, rule: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(fusion, config(late_fusion_rule=rule))
+    audio, image = inputs()
+    audio.requires_grad_(True)
+    image.requires_grad_(True)
+    out = model(audio, image)
+    assert isinstance(out, FusionOutput)
+    assert out.logit.shape == (B,) and out.score.shape == (B,)
+    assert out.audio_emb.shape == (B, 128) and out.image_emb.shape == (B, 128)
+    assert torch.allclose(out.score, torch.sigmoid(out.logit))
+    assert ((out.score > 0) & (out.score < 1)).all()
+
+    label = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    loss = F.binary_cross_entropy_with_logits(out.logit, label)
+    loss = loss + 0.1 * consistency_loss(out.audio_emb, out.image_emb, label)
+    loss.backward()
+    assert audio.grad is not None and audio.grad.abs().sum() > 0
+    assert image.grad is not None and image.grad.abs().sum() > 0
+    if fusion != "early":  # the two encoders' own weights learn
+        for branch in (model.audio, model.image):
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in branch.parameters())
+
+
+def test_bce_alone_reaches_both_branches_of_mid_and_late() -> None:
+    for fusion in ("mid", "late"):
+        torch.manual_seed(0)
+        model = build_model(fusion, config(late_fusion_rule="mean"))
+        F.binary_cross_entropy_with_logits(model(*inputs()).logit, torch.ones(B)).backward()
+        assert model.audio.proj.weight.grad.abs().sum() > 0
+        assert model.image.proj.weight.grad.abs().sum() > 0
+
+
+def test_embedding_size_follows_the_config() -> None:
+    model = build_model("mid", config(embedding_dim=32))
+    out = model(*inputs())
+    assert out.audio_emb.shape == (B, 32) and out.image_emb.shape == (B, 32)
+
+
+def test_late_fusion_rules_combine_the_two_predictions() -> None:
+    torch.manual_seed(0)
+    audio, image = inputs()
+    for rule in ("mean", "max"):
+        model = build_model("late", config(late_fusion_rule=rule)).eval()
+        with torch.no_grad():
+            out = model(audio, image)
+            p_audio = torch.sigmoid(model.audio_head(model.audio(audio)).squeeze(1))
+            p_image = torch.sigmoid(model.image_head(model.image(image)).squeeze(1))
+        expected = (p_audio + p_image) / 2 if rule == "mean" else torch.maximum(p_audio, p_image)
+        assert torch.allclose(out.score, expected, atol=1e-6), rule
+
+
+def test_late_mean_rule_is_finite_for_extreme_logits() -> None:
+    model = build_model("late", config(late_fusion_rule="mean")).eval()
+    with torch.no_grad():
+        model.audio_head[-1].bias.fill_(200.0)  # p_audio = 1
+        model.image_head[-1].bias.fill_(-200.0)  # p_image = 0
+        out = model(*inputs())
+    assert torch.isfinite(out.logit).all()
+    assert torch.allclose(out.score, torch.full((B,), 0.5), atol=1e-4)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_a_few_steps_on_one_batch_lower_the_loss(fusion: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(fusion, config())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    audio, image = inputs()
+    label = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    losses = []
+    for _ in range(3):
+        out = model(audio, image)
+        loss = F.binary_cross_entropy_with_logits(out.logit, label)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_eval_mode_scores_a_single_sample(fusion: str) -> None:
+    model = build_model(fusion, config()).eval()
+    with torch.no_grad():
+        out = model(*inputs(b=1))
+    assert out.score.shape == (1,)
+
+
+def test_encoders_give_emotion_embeddings() -> None:
+    audio, image = inputs()
+    assert AudioModel(128)(audio).shape == (B, 128)
+    assert ImageModel(128)(image).shape == (B, 128)
+    assert AudioModel(16)(torch.randn(2, 1, 3, 5)).shape == (2, 16)  # tiny log-mels still work
+
+
+def test_bad_inputs_are_refused_with_their_shapes() -> None:
+    model = build_model("mid", config())
+    audio, image = inputs()
+    with pytest.raises(ValueError, match=r"audio must be \(B, 1"):
+        model(audio.squeeze(1), image)
+    with pytest.raises(ValueError, match=r"image must be \(B, 3, S, S\)"):
+        model(audio, image[:, :1])
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        model(audio[:2], image)
+    with pytest.raises(ValueError, match="unknown fusion 'hybrid'"):
+        build_model("hybrid", config())
+
+
+def test_pretrained_resnet_weights_fill_the_image_branch() -> None:
+    torch.manual_seed(1)
+    weights = resnet18(weights=None).state_dict()  # stands in for a local weights file
+    model = build_model("mid", config(), image_weights=weights)
+    assert torch.equal(
+        model.image.backbone.layer4[1].conv2.weight, weights["layer4.1.conv2.weight"]
+    )
+    assert torch.equal(model.image.backbone.conv1.weight, weights["conv1.weight"])
+
+
+def test_early_fusion_trains_its_joint_cnn_from_scratch(caplog: pytest.LogCaptureFixture) -> None:
+    weights = resnet18(weights=None).state_dict()
+    caplog.set_level(logging.INFO, logger="models")
+    model = build_model("early", config(), image_weights=weights)
+    assert "pretrained_image_weights unused" in caplog.text
+    conv1 = model.joint[0][0].weight  # the first conv block reads log-mel + RGB
+    assert conv1.shape[1] == 4
+
+
+def test_foreign_weights_are_refused() -> None:
+    weights = resnet18(weights=None).state_dict()
+    del weights["layer2.0.conv1.weight"]
+    with pytest.raises(ValueError, match="not ResNet18 weights.*layer2.0.conv1.weight"):
+        build_model("mid", config(), image_weights=weights)
+    weights = resnet18(weights=None, num_classes=10).state_dict()  # the classifier is dropped
+    build_model("late", config(), image_weights=weights)
+    weights["conv1.weight"] = torch.zeros(64, 4, 7, 7)
+    with pytest.raises(ValueError, match=r"conv1.weight has shape \(64, 4, 7, 7\)"):
+        build_model("late", config(), image_weights=weights)

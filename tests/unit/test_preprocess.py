@@ -1,0 +1,363 @@
+"""Preprocessing: decoders for any rate/channels/mode, every kind of bad file skipped and reported,
+the streamed feature build on both backends, and the content-keyed cache (no raw GET on a hit)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from tasks.errors import CorruptSample, DataError
+from tasks.layout import SPLITS
+from tasks.manifest import build_manifest
+from tasks.preprocess import (
+    DeepfakeDataset,
+    batches,
+    build_features,
+    feature_hash,
+    preprocess_audio,
+    preprocess_image,
+    split_dataset,
+)
+from tasks.shards import read_shard
+from tasks.storage import Storage, open_storage
+from tests.unit.synthetic_data import (
+    TINY_DATA,
+    CountingStore,
+    bad_files,
+    generated,
+    image_bytes,
+    listing_bad_files,
+    load_into,
+    tiny_config,
+    wav_bytes,
+)
+
+N = 32  # pairs in the generated bench
+DATA = SimpleNamespace(sample_rate=16000, clip_seconds=2.0, **TINY_DATA)
+
+
+@pytest.fixture(scope="module")
+def bench() -> dict[str, bytes]:
+    return generated(N, seed=41)
+
+
+@pytest.fixture(params=["local", "s3"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def setup_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest, **data: object):
+    server = request.getfixturevalue("s3_server") if kind == "s3" else None
+    cfg = tiny_config(kind, tmp_path, server, **data)
+    store = open_storage(cfg.storage)
+    store.check()
+    return cfg, store, server
+
+
+# --- decoders --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sr", "channels", "fmt", "subtype"),
+    [
+        (16000, 1, "WAV", "PCM_16"),
+        (8000, 1, "WAV", "PCM_U8"),
+        (44100, 2, "WAV", "PCM_24"),
+        (22050, 6, "WAV", "FLOAT"),
+        (48000, 2, "FLAC", "PCM_16"),
+        (32000, 1, "OGG", "VORBIS"),
+    ],
+)
+def test_audio_of_any_rate_and_channels_becomes_one_log_mel(
+    sr: int, channels: int, fmt: str, subtype: str
+) -> None:
+    mel = preprocess_audio(wav_bytes(1.5, sr, channels, format=fmt, subtype=subtype), DATA)
+    assert mel.shape == (1, 32, 32) and mel.dtype == np.float32
+    assert mel.min() >= -1.0 and mel.max() == pytest.approx(1.0)
+    # A 220 Hz tone lands in the same mel band whatever the rate and channel count.
+    reference = preprocess_audio(wav_bytes(1.5, 16000, 1), DATA)
+    assert np.argmax(mel[0, :, 5]) == np.argmax(reference[0, :, 5])
+
+
+def test_short_audio_is_padded_and_silence_is_the_floor() -> None:
+    mel = preprocess_audio(wav_bytes(0.5), DATA)  # clip_seconds = 2: the last 3/4 is padding
+    assert mel.shape == (1, 32, 32)
+    assert np.all(mel[:, :, -4:] == -1.0) and mel[:, :, :8].max() > 0.9
+    silent = io.BytesIO()
+    sf.write(silent, np.zeros(16000), 16000, format="WAV")
+    assert np.all(preprocess_audio(silent.getvalue(), DATA) == -1.0)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode", "size"),
+    [
+        ("JPEG", "RGB", (640, 480)),
+        ("JPEG", "L", (50, 70)),
+        ("JPEG", "CMYK", (64, 64)),
+        ("PNG", "RGBA", (33, 31)),
+        ("PNG", "LA", (20, 20)),
+        ("PNG", "P", (100, 40)),
+        ("PNG", "1", (16, 16)),
+    ],
+)
+def test_images_of_any_mode_and_size_become_rgb(fmt: str, mode: str, size: tuple[int, int]) -> None:
+    out = preprocess_image(image_bytes(fmt, size, mode), DATA)
+    assert out.shape == (3, 32, 32) and out.dtype == np.uint8
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped() -> None:
+    ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    out = preprocess_image(buf.getvalue(), DATA)
+    assert out[0, 0, 0] < 20 and out[0, -1, -1] > 235
+    assert 100 < out[0, 16, 16] < 160  # mid-grey stays mid-grey
+
+
+def test_exif_orientation_is_applied() -> None:
+    img = Image.new("RGB", (60, 30), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 30, 30))  # white left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    out = preprocess_image(buf.getvalue(), DATA)
+    assert out[:, :8].mean() > 200 and out[:, -8:].mean() < 50  # white on top after rotation
+
+
+@pytest.mark.parametrize("key", sorted(bad_files()))
+def test_every_bad_kind_raises_corrupt_sample_naming_the_file(key: str) -> None:
+    data, phrase = bad_files()[key]
+    decode = preprocess_audio if key.startswith("audio/") else preprocess_image
+    with pytest.raises(CorruptSample, match=phrase) as err:
+        decode(data, DATA, f"s3://b/dataset/{key}")
+    assert str(err.value).startswith(f"s3://b/dataset/{key}: ")
+
+
+def test_empty_and_non_finite_audio_are_corrupt() -> None:
+    with pytest.raises(CorruptSample, match="empty file"):
+        preprocess_audio(b"", DATA, "x.wav")
+    with pytest.raises(CorruptSample, match="empty file"):
+        preprocess_image(b"", DATA, "x.png")
+    buf = io.BytesIO()
+    sf.write(buf, np.full(800, np.nan, dtype=np.float32), 8000, format="WAV", subtype="FLOAT")
+    with pytest.raises(CorruptSample, match="NaN"):
+        preprocess_audio(buf.getvalue(), DATA, "nan.wav")
+
+
+# --- the feature build -----------------------------------------------------------------------
+
+
+def shard_rows(store: Storage, keys: list[str]) -> list[tuple[str, int]]:
+    out = []
+    for key in keys:
+        shard = read_shard(store, key)
+        assert shard["audio"].shape[1:] == (1, 32, 32) and shard["image"].shape[1:] == (3, 32, 32)
+        out += list(zip(shard["pair_id"].tolist(), shard["label"].tolist(), strict=True))
+    return out
+
+
+def test_shards_hold_every_pair_and_a_rerun_is_a_cache_hit(
+    kind: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    bench: dict[str, bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg, store, server = setup_store(kind, tmp_path, request)
+    load_into(store, bench)
+    # On the S3 path nothing may land on the local disk: no temp files, nothing in the cwd.
+    work, temp = tmp_path / "cwd", tmp_path / "tmp"
+    work.mkdir()
+    temp.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    for var in ("TMPDIR", "TEMP", "TMP"):
+        monkeypatch.setenv(var, str(temp))
+
+    manifest = build_manifest(store, cfg, "run1")
+    if server is not None:
+        server.requests.clear()
+    first = build_features(store, cfg, manifest)
+    assert not first.cache_hit and first.skipped == []
+    if server is not None:  # the counter sees raw fetches: each object once
+        assert server.requests.count("GET", "/dataset/") == 2 * N
+    assert first.counts == manifest.counts
+    rows = [r for s in SPLITS for r in shard_rows(store, first.shards[s])]
+    assert len(rows) == manifest.n_pairs == N  # one shard row per good pair
+    assert len({pid for pid, _ in rows}) == N
+    assert all(len(first.shards[s]) == -(-sum(first.counts[s].values()) // 8) for s in SPLITS)
+    assert os.listdir(work) == [] and os.listdir(temp) == []
+
+    manifest2 = build_manifest(store, cfg, "run2")
+    counting = CountingStore(store)
+    if server is not None:
+        server.requests.clear()
+    second = build_features(counting, cfg, manifest2)  # type: ignore[arg-type]
+    assert second.cache_hit and second.feature_hash == first.feature_hash
+    assert second.shards == first.shards and second.counts == first.counts
+    assert counting.count("dataset/") == 0  # no raw object read...
+    if server is not None:  # ...and none fetched over HTTP
+        assert server.requests.count("GET", "/dataset/") == 0
+        assert server.requests.count("GET", "/outputs/cache/") == 1  # the index only
+    assert json.loads(store.read_bytes("outputs/manifests/run2/skipped.json"))["n_skipped"] == 0
+
+
+def test_changed_settings_or_a_lost_shard_rebuild(tmp_path: Path, bench: dict[str, bytes]) -> None:
+    cfg = tiny_config("local", tmp_path)
+    store = open_storage(cfg.storage)
+    load_into(store, bench)
+    manifest = build_manifest(store, cfg, "r")
+    first = build_features(store, cfg, manifest)
+    other = tiny_config("local", tmp_path, image_size=16)
+    assert other.storage == cfg.storage
+    resized = build_features(store, other, manifest)
+    assert not resized.cache_hit and resized.feature_hash != first.feature_hash
+    store.delete(first.shards["train"][0])
+    rebuilt = build_features(store, cfg, manifest)
+    assert not rebuilt.cache_hit and rebuilt.feature_hash == first.feature_hash
+    assert store.exists(first.shards["train"][0])
+    assert build_features(store, cfg, manifest).cache_hit
+
+
+def test_every_bad_file_is_skipped_and_reported(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, bench: dict[str, bytes]
+) -> None:
+    cfg, store, _ = setup_store(kind, tmp_path, request)
+    load_into(store, bench)
+    planted = {**bad_files(), **listing_bad_files()}
+    for key, (data, _) in planted.items():
+        store.write_bytes("dataset/" + key, data)
+    # Pair every planted audio/image file with a good partner in pairs.csv.
+    csv_text = store.read_bytes("dataset/pairs.csv").decode()
+    good = [line.split(",") for line in csv_text.splitlines()[1:]]
+    extra = []
+    for i, key in enumerate(k for k in planted if k.startswith(("audio/real", "audio/fake"))):
+        extra.append(f"{key},{good[i][1]},1,vocoder_bandlimit,happy,happy")
+    for i, key in enumerate(k for k in planted if k.startswith(("images/real", "images/fake"))):
+        extra.append(f"{good[i][0]},{key},0,real,sad,sad")
+    store.write_bytes("dataset/pairs.csv", (csv_text + "\n".join(extra) + "\n").encode())
+
+    manifest = build_manifest(store, cfg, "bad")
+    features = build_features(store, cfg, manifest)
+    reasons = {s["key"]: s["reason"] for s in features.skipped}
+    for key, (_, phrase) in planted.items():
+        assert phrase in reasons.get("dataset/" + key, ""), (key, reasons.get("dataset/" + key))
+    assert sum(sum(c.values()) for c in features.counts.values()) == N  # all good pairs kept
+    written = json.loads(store.read_bytes(features.skipped_key or ""))
+    assert {s["key"] for s in written["skipped"]} >= {"dataset/" + k for k in planted}
+    assert features.skipped_key == "outputs/manifests/bad/skipped.json"
+    again = build_features(store, cfg, build_manifest(store, cfg, "bad2"))
+    assert again.cache_hit and {s["key"] for s in again.skipped} == set(reasons)
+
+
+def test_no_usable_pair_left_is_fatal_and_says_why(tmp_path: Path, bench: dict[str, bytes]) -> None:
+    cfg = tiny_config("local", tmp_path)
+    store = open_storage(cfg.storage)
+    load_into(store, bench)
+    manifest = build_manifest(store, cfg, "r")
+    for key in bench:
+        if key.endswith(".wav"):
+            store.write_bytes(key, b"RIFF" + b"\x00" * 40)  # every audio file broken
+    with pytest.raises(DataError, match=f"no usable pair remains: all {N} pairs"):
+        build_features(store, cfg, manifest)
+    written = json.loads(store.read_bytes("outputs/manifests/r/skipped.json"))
+    assert written["n_skipped"] == N
+
+
+def test_a_split_losing_a_class_to_bad_files_is_fatal(
+    tmp_path: Path, bench: dict[str, bytes]
+) -> None:
+    cfg = tiny_config("local", tmp_path)
+    store = open_storage(cfg.storage)
+    load_into(store, bench)
+    manifest = build_manifest(store, cfg, "r")
+    from tasks.manifest import read_manifest
+
+    for row in read_manifest(store, manifest.key):
+        if row.split == "test" and row.label == 1:
+            store.write_bytes(row.image_key, b"garbage")
+    with pytest.raises(DataError, match="the test split has no fake pairs"):
+        build_features(store, cfg, manifest)
+
+
+def test_fetches_are_concurrent_but_bounded(tmp_path: Path, bench: dict[str, bytes]) -> None:
+    cfg = tiny_config("local", tmp_path, fetch_concurrency=3)
+    store = open_storage(cfg.storage)
+    load_into(store, bench)
+    manifest = build_manifest(store, cfg, "r")
+    counting = CountingStore(store, latency=0.02)
+    build_features(counting, cfg, manifest)  # type: ignore[arg-type]
+    assert counting.count("dataset/") == 2 * N
+    assert 1 < counting.max_active <= 3
+
+
+def test_dataset_streams_the_shards(tmp_path: Path, bench: dict[str, bytes]) -> None:
+    cfg = tiny_config("local", tmp_path)
+    store = open_storage(cfg.storage)
+    load_into(store, bench)
+    features = build_features(store, cfg, build_manifest(store, cfg, "r"))
+    train = split_dataset(cfg, features, "train", shuffle=True)
+    assert isinstance(train, DeepfakeDataset)
+    assert len(train) == sum(features.counts["train"].values())
+    items = list(train)
+    assert len(items) == len(train)
+    assert sum(int(it["label"]) for it in items) == features.counts["train"]["fake"]
+    batch = next(iter(batches(iter(items), 5)))
+    assert batch["audio"].shape == (5, 1, 32, 32) and batch["image"].shape == (5, 3, 32, 32)
+    assert 0.0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1.0
+    with pytest.raises(ValueError, match="split must be one of"):
+        split_dataset(cfg, features, "dev")
+
+
+def test_feature_hash_covers_content_and_settings() -> None:
+    from tasks.manifest import PairRow
+
+    row = PairRow("p", "train", 1, "f", "", "a.wav", 1, "e1", "i.png", 1, "e2")
+    base = feature_hash([row], DATA)
+    changed = PairRow("p", "train", 1, "f", "", "a.wav", 1, "e9", "i.png", 1, "e2")
+    assert feature_hash([changed], DATA) != base
+    assert feature_hash([row], SimpleNamespace(**{**vars(DATA), "n_mels": 16})) != base
+    assert feature_hash([row], DATA) == base
+
+
+# --- the Prefect steps -----------------------------------------------------------------------
+
+
+def test_step_wrappers_return_references(tmp_path: Path, bench: dict[str, bytes]) -> None:
+    from prefect.logging import disable_run_logger
+
+    from tasks.steps import build_features as features_step
+    from tasks.steps import build_manifest as manifest_step
+
+    cfg = tiny_config("local", tmp_path)
+    load_into(open_storage(cfg.storage), bench)
+    with disable_run_logger():
+        manifest = manifest_step.fn(cfg, "w")
+        features = features_step.fn(cfg, manifest)
+    assert manifest.n_pairs == N and not features.cache_hit
+    assert sum(len(v) for v in features.shards.values()) >= 3
+
+
+def test_steps_retry_transient_storage_faults_only() -> None:
+    from prefect.states import Failed
+
+    from tasks.errors import Throttled
+    from tasks.steps import build_features as features_step
+    from tasks.steps import build_manifest as manifest_step
+    from tasks.steps import is_transient
+
+    for step in (manifest_step, features_step):
+        assert step.retries == 4 and step.retry_condition_fn is is_transient
+    assert not is_transient(None, None, Failed(data=DataError("dataset/: no usable pairs")))
+    assert not is_transient(None, None, Failed(data=CorruptSample("a.wav: truncated")))
+    assert is_transient(None, None, Failed(data=Throttled("s3://b/k: throttled")))

@@ -1,0 +1,560 @@
+"""Training: learning, the files it writes, the memory guard in the loop, CUDA-OOM retries,
+checkpoints, resume after a real SIGKILL, and model files that load with `weights_only=True`.
+
+The data are feature shards written here with a learnable difference: a fake pair has a bright
+square in its image and louder low mel bands. Inputs are tiny (16x16 log-mels, 32x32 images).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from prefect.logging import disable_run_logger
+from torch import nn
+from torchvision.models import resnet18
+
+from config.load import validate_config
+from config.schema import PipelineConfig
+from models import FusionOutput, build_model
+from tasks.errors import CheckpointError, ConfigError, DataError
+from tasks.layout import FAKE, REAL, Layout
+from tasks.memory import MemoryGuard
+from tasks.refs import FeatureRef, TrainedRef
+from tasks.shards import DeepfakeDataset, write_shard
+from tasks.steps import train_fusion_task
+from tasks.storage import Storage, open_storage
+from tasks.training import (
+    TrainState,
+    fit,
+    list_checkpoints,
+    load_model,
+    predict,
+    read_image_weights,
+    resume,
+    save_checkpoint,
+    save_model,
+    split_batch,
+    train_one_epoch,
+    update_losses,
+)
+
+M, T, S = 16, 16, 32  # log-mel bands, frames, image side
+REPO = Path(__file__).resolve().parents[2]
+EPOCH_KEYS = {
+    "fusion", "epoch", "train_loss", "train_bce", "train_consistency", "train_acc", "val_loss",
+    "val_bce", "val_consistency", "val_acc", "samples_per_s", "batch_size", "memory_percent",
+    "seconds", "time",
+}  # fmt: skip
+STEP_KEYS = {
+    "fusion", "epoch", "step", "time", "batch_size", "memory_percent", "samples_per_s", "bce",
+    "consistency", "loss", "event",
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: tiny tensors gain nothing from more, and on a shared CPU extra
+    threads only contend (several times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- data and config -------------------------------------------------------------------------
+
+
+def learnable_arrays(n: int, seed: int) -> dict[str, Any]:
+    """Alternating real/fake pairs; fakes carry a visible pattern in both modalities."""
+    rng = np.random.default_rng(seed)
+    label = (np.arange(n) % 2).astype(np.int8)  # 0 real, 1 fake
+    audio = rng.normal(0.0, 1.0, (n, 1, M, T)).astype(np.float32)  # (N, 1, M, T)
+    image = rng.uniform(0.0, 0.6, (n, 3, S, S))  # (N, 3, S, S)
+    fake = label == FAKE
+    audio[fake, :, : M // 2] += 1.5
+    image[np.ix_(fake, range(3), range(S // 2), range(S // 2))] = 1.0
+    return {
+        "audio": audio,
+        "image": (image * 255).astype(np.uint8),
+        "label": label,
+        "pair_id": [f"p{seed}-{i}" for i in range(n)],
+        "family": ["synthetic" if y == FAKE else "real" for y in label],
+    }
+
+
+def write_features(
+    store: Storage, n_train: int = 32, n_val: int = 16, shard: int = 16
+) -> FeatureRef:
+    prefix = Layout().features("testhash")
+    shards: dict[str, list[str]] = {}
+    for split, n, seed in (("train", n_train, 1), ("val", n_val, 2)):
+        arrays = learnable_arrays(n, seed)
+        shards[split] = []
+        for start in range(0, n, shard):
+            key = f"{prefix}{split}/shard-{start // shard:04d}.npz"
+            part = {k: v[start : start + shard] for k, v in arrays.items()}
+            write_shard(store, key, **part)
+            shards[split].append(key)
+    counts = {
+        "train": {"real": n_train - n_train // 2, "fake": n_train // 2},
+        "val": {"real": n_val - n_val // 2, "fake": n_val // 2},
+    }
+    return FeatureRef(run="r", feature_hash="testhash", prefix=prefix, shards=shards, counts=counts)
+
+
+def make_cfg(uri: str, endpoint: str | None = None, **sections: dict[str, Any]) -> PipelineConfig:
+    raw: dict[str, Any] = {
+        "run": {"seed": 7},
+        "storage": {"uri": uri, "endpoint_url": endpoint},
+        "data": {"n_mels": M, "spec_frames": T, "image_size": S},
+        "training": {"epochs": 2, "batch_size": 8, "log_every": 2, "device": "cpu"},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return validate_config(raw)
+
+
+def jsonl(store: Storage, key: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in store.read_bytes(key).decode().splitlines()]
+
+
+def readings(*values: float) -> Callable[[], float]:
+    it = iter(values)
+    last = [values[-1]]
+
+    def read() -> float:
+        last[0] = next(it, last[0])
+        return last[0]
+
+    return read
+
+
+# --- learning and the files training writes --------------------------------------------------
+
+
+@pytest.mark.parametrize("fusion", ["early", "mid", "late"])
+def test_each_fusion_learns_well_above_chance_and_writes_its_files(
+    fusion: str, tmp_path: Path
+) -> None:
+    """32 training pairs, 16 validation pairs, 2 epochs of 8 batches: validation accuracy >= 0.8
+    (chance 0.5); then every file the evaluation reads, in its contracted format."""
+    cfg = make_cfg(str(tmp_path), training={"batch_size": 4, "consistency_weight": 0.5})
+    store = open_storage(cfg.storage)
+    layout = Layout()
+    features = write_features(store)
+    with disable_run_logger():
+        ref = train_fusion_task.fn(cfg, features, fusion, "r1")
+    assert isinstance(ref, TrainedRef) and ref.epochs == 2 and ref.resumed_from is None
+
+    epochs = jsonl(store, layout.epoch_log(fusion, "r1"))
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert epochs[-1]["val_acc"] >= 0.8, epochs
+    assert ref.best_val_loss == min(e["val_loss"] for e in epochs)
+    assert [set(e) for e in epochs] == [EPOCH_KEYS, EPOCH_KEYS]
+    for e in epochs:  # total = bce + 0.5 x consistency, per split
+        assert e["train_loss"] == pytest.approx(e["train_bce"] + 0.5 * e["train_consistency"])
+        assert e["val_loss"] == pytest.approx(e["val_bce"] + 0.5 * e["val_consistency"])
+    steps = jsonl(store, layout.step_log(fusion, "r1"))
+    assert all(set(s) == STEP_KEYS for s in steps)
+    assert [s["step"] for s in steps] == list(range(2, 17, 2))  # 8 batches an epoch, every 2nd
+
+    with io.StringIO(store.read_bytes(layout.losses("r1")).decode()) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["fusion"], r["epoch"], r["split"]) for r in rows] == [
+        (fusion, "1", "train"), (fusion, "1", "val"), (fusion, "2", "train"), (fusion, "2", "val"),
+    ]  # fmt: skip
+    assert float(rows[-1]["total"]) == pytest.approx(epochs[-1]["val_loss"])
+
+    with np.load(io.BytesIO(store.read_bytes(layout.emotion_vectors(fusion, "r1")))) as npz:
+        assert npz["audio_emb"].shape == (16, 128) and npz["image_emb"].shape == (16, 128)
+        assert sorted(npz["label"].tolist()) == [REAL] * 8 + [FAKE] * 8
+        assert int(npz["epoch"]) == ref.best_epoch
+
+    raw = torch.load(io.BytesIO(store.read_bytes(ref.model_key)), weights_only=True)
+    assert raw["format_version"] == 1 and raw["fusion"] == fusion
+    assert raw["epoch"] == ref.best_epoch and raw["val_loss"] == pytest.approx(ref.best_val_loss)
+    assert raw["config"]["data"]["image_size"] == S
+    assert [e for e, _ in list_checkpoints(store, layout, fusion, "r1")] == [2, 1]
+    for _, key in list_checkpoints(store, layout, fusion, "r1"):
+        ckpt = torch.load(io.BytesIO(store.read_bytes(key)), weights_only=True)
+        assert {"model", "optimizer", "epoch", "batch_size", "rng", "best_val_loss"} <= set(ckpt)
+
+    model, meta = load_model(store.read_bytes(ref.model_key), ref.model_key)
+    assert not model.training and meta["epoch"] == ref.best_epoch and "state_dict" not in meta
+    preds = predict(model, DeepfakeDataset(cfg.storage, features.shards["val"]), "cpu")
+    assert preds.score.shape == (16,) and preds.audio_emb.shape == (16, 128)
+    assert preds.pair_id[0] == "p2-0" and preds.family.dtype.kind == "U"
+    assert ((preds.score >= 0.5) == (preds.label == FAKE)).mean() >= 0.8
+
+
+def test_fit_streams_from_and_writes_to_s3(s3_server: Any, s3_bucket: str) -> None:
+    cfg = make_cfg(
+        f"s3://{s3_bucket}", s3_server.endpoint_url,
+        training={"epochs": 1, "keep_checkpoints": 1}, model={"late_fusion_rule": "mean"},
+    )  # fmt: skip
+    store = open_storage(cfg.storage)
+    features = write_features(store, n_train=16, n_val=8)
+    ref = fit(cfg, features, "late", "s3run")
+    assert ref.epochs == 1
+    keys = {info.key for info in store.list("outputs/")}
+    layout = Layout()
+    assert {
+        layout.model("late", "s3run"),
+        layout.checkpoint("late", "s3run", 1),
+        layout.epoch_log("late", "s3run"),
+        layout.step_log("late", "s3run"),
+        layout.emotion_vectors("late", "s3run"),
+        layout.losses("s3run"),
+    } <= keys
+    assert s3_server.requests.count("GET", "/train/shard-") >= 1  # streamed over HTTP
+
+
+# --- the memory guard in the loop ------------------------------------------------------------
+
+
+def test_lowered_threshold_shrinks_batches_logged_and_training_finishes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Threshold lowered to 30% (cap 90%); memory readings climb past it during epoch 1.
+    cfg = make_cfg(
+        str(tmp_path),
+        training={"epochs": 1, "log_every": 100},
+        memory={"shrink_threshold": 0.3, "cap": 0.9, "min_batch_size": 2},
+    )
+    store = open_storage(cfg.storage)
+    features = write_features(store, n_train=32, n_val=8)
+    caplog.set_level(logging.INFO, logger="tasks")
+    ref = fit(cfg, features, "mid", "g1", read_memory=readings(20.0, 20.0, 35.0, 36.0, 35.0))
+    assert ref.epochs == 1
+    steps = jsonl(store, Layout().step_log("mid", "g1"))
+    shrinks = [s for s in steps if s["event"] == "shrink"]
+    assert [s["batch_size"] for s in shrinks] == [4, 2]  # 8 -> 4 -> 2, then the minimum
+    assert all(s["memory_percent"] > 30.0 for s in shrinks)
+    assert "memory 35.0% in use (shrink above 30%, cap 90%): batch size 8 -> 4" in caplog.text
+    assert "batch size 4 -> 2" in caplog.text
+    epoch = jsonl(store, Layout().epoch_log("mid", "g1"))[0]
+    assert epoch["batch_size"] == 2 and epoch["memory_percent"] == 36.0
+
+
+class TinyFusion(nn.Module):
+    """A few-parameter stand-in with the fusion interface; raises CUDA's OOM on big batches."""
+
+    def __init__(self, oom_above: int) -> None:
+        super().__init__()
+        self.oom_above = oom_above
+        self.audio = nn.Linear(1, 4)
+        self.image = nn.Linear(3, 4)
+        self.head = nn.Linear(8, 1)
+        self.batch_sizes: list[int] = []
+
+    def forward(self, audio: torch.Tensor, image: torch.Tensor) -> FusionOutput:
+        if len(audio) > self.oom_above:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.batch_sizes.append(len(audio))
+        a = self.audio(audio.mean(dim=(2, 3)))  # (B, 4)
+        i = self.image(image.mean(dim=(2, 3)))  # (B, 4)
+        logit = self.head(torch.cat([a, i], dim=1)).squeeze(1)  # (B,)
+        return FusionOutput(logit, torch.sigmoid(logit), a, i)
+
+
+def samples(n: int) -> Iterator[dict[str, Any]]:
+    arrays = learnable_arrays(n, seed=3)
+    for k in range(n):
+        yield {
+            "audio": torch.from_numpy(arrays["audio"][k]),
+            "image": torch.from_numpy(arrays["image"][k].astype(np.float32) / 255),
+            "label": torch.tensor(float(arrays["label"][k])),
+            "pair_id": arrays["pair_id"][k],
+            "family": arrays["family"][k],
+        }
+
+
+def test_out_of_memory_halves_the_batch_and_retries_the_step(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cfg = make_cfg("unused")
+    model = TinyFusion(oom_above=4)
+    optimizer = torch.optim.Adam(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    guard = MemoryGuard(cfg.memory, 8, read_memory=readings(40.0), total_bytes=2**34)
+    caplog.set_level(logging.INFO, logger="tasks")
+    result = train_one_epoch(
+        model, samples(20), optimizer, scaler, guard, torch.device("cpu"), cfg.training,
+        fusion="tiny", epoch=1,
+    )  # fmt: skip
+    assert result.stats.samples == 20  # no sample lost to the failed step
+    assert model.batch_sizes == [4, 4, 4, 4, 4]  # the failed 8 retried as 4 + 4, then 4s
+    assert guard.batch_size == 4 and result.batch_size == 4
+    assert [r["event"] for r in result.steps if r["event"]] == ["oom"]
+    assert "CUDA out of memory at batch size 8" in caplog.text
+
+    stuck = MemoryGuard(cfg.memory, 2, read_memory=readings(40.0), total_bytes=2**34)
+    with pytest.raises(torch.OutOfMemoryError):  # at the minimum there is nothing to halve
+        train_one_epoch(
+            TinyFusion(oom_above=1), samples(4), optimizer, scaler, stuck, torch.device("cpu"),
+            cfg.training, fusion="tiny", epoch=1,
+        )  # fmt: skip
+
+
+def test_split_batch_never_leaves_a_lone_sample() -> None:
+    batch = {"label": torch.arange(7), "pair_id": [str(i) for i in range(7)]}
+    sizes = [len(part["label"]) for part in split_batch(batch, 3)]
+    assert sizes == [3, 4]
+    assert [len(p["pair_id"]) for p in split_batch(batch, 2)] == [2, 2, 3]
+    assert split_batch(batch, 4)[1]["pair_id"] == ["4", "5", "6"]
+
+
+# --- checkpoints, resume and model files -----------------------------------------------------
+
+RESUME_SCRIPT = """
+import json, logging, sys, time
+import psutil
+import torch
+from config.load import validate_config
+from tasks.refs import FeatureRef
+from tasks.training import fit
+
+logging.basicConfig(level=logging.INFO)
+torch.set_num_threads(1)  # as in the test process, so both runs compute alike
+cfg = validate_config(json.loads(sys.argv[1]))
+features = FeatureRef.model_validate_json(sys.argv[2])
+
+def slow_reading():  # stretches every batch so the test can kill the run mid-epoch
+    time.sleep(0.15)
+    return psutil.virtual_memory().percent
+
+print(fit(cfg, features, sys.argv[3], sys.argv[4], read_memory=slow_reading).model_dump_json())
+"""
+
+
+def run_training(cfg: PipelineConfig, features: FeatureRef, run: str) -> subprocess.Popen[str]:
+    args = [cfg.model_dump_json(), features.model_dump_json(), "mid", run]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-c", RESUME_SCRIPT, *args], cwd=REPO, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def digest(store: Storage, key: str) -> str:
+    return hashlib.sha256(store.read_bytes(key)).hexdigest()
+
+
+def test_sigkill_mid_epoch_then_rerun_resumes_from_the_saved_epoch(tmp_path: Path) -> None:
+    cfg = make_cfg(str(tmp_path / "bucket"), training={"epochs": 3})
+    store = open_storage(cfg.storage)
+    store.check()
+    layout = Layout()
+    features = write_features(store, n_train=16, n_val=8)
+
+    proc = run_training(cfg, features, "killed")
+    deadline = time.monotonic() + 240
+    while not store.exists(layout.checkpoint("mid", "killed", 1)):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no epoch-1 checkpoint within 240 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    saved = {key: digest(store, key) for _, key in list_checkpoints(store, layout, "mid", "killed")}
+    done = len(saved)
+    assert 1 <= done < 3, f"the run was not killed mid-way: {sorted(saved)}"
+
+    proc = run_training(cfg, features, "killed")  # the retry
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    resumed = TrainedRef.model_validate_json(out.strip().splitlines()[-1])
+    assert resumed.resumed_from == done and resumed.epochs == 3
+    assert f"(epoch {done} done)" in err
+    for key, before in saved.items():  # finished epochs were not redone, nor their files lost
+        assert digest(store, key) == before, key
+    epochs = jsonl(store, layout.epoch_log("mid", "killed"))
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    step_numbers = [s["step"] for s in jsonl(store, layout.step_log("mid", "killed"))]
+    assert step_numbers == sorted(set(step_numbers))  # no epoch's steps logged twice
+
+    straight = fit(cfg, features, "mid", "straight")  # the same training, never interrupted
+    assert straight.epochs == resumed.epochs == 3
+    uninterrupted = jsonl(store, layout.epoch_log("mid", "straight"))
+    assert [e["val_loss"] for e in epochs] == pytest.approx(
+        [e["val_loss"] for e in uninterrupted], rel=1e-4
+    )  # seeded data order and restored RNG states: the resumed run continues the same training
+
+
+def test_resume_skips_an_unreadable_checkpoint_and_refuses_another_architecture(
+    tmp_path: Path,
+) -> None:
+    cfg = make_cfg(str(tmp_path))
+    store = open_storage(cfg.storage)
+    layout = Layout()
+    model = build_model("mid", cfg)
+    optimizer = torch.optim.Adam(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for epoch in (1, 2):
+        state = TrainState(epoch=epoch, step=4 * epoch, batch_size=8, best_val_loss=0.5)
+        save_checkpoint(store, layout, cfg, "mid", "r", model, optimizer, scaler, state)
+    store.write_bytes(layout.checkpoint("mid", "r", 3), b"cut short by a crash")
+
+    fresh = build_model("mid", cfg)
+    opt = torch.optim.Adam(fresh.parameters())
+    state = resume(store, layout, cfg, "mid", "r", fresh, opt, scaler)
+    assert state.epoch == 2 and state.step == 8 and state.resumed_from == 2
+    assert torch.equal(fresh.image.proj.weight, model.image.proj.weight)
+
+    other = make_cfg(str(tmp_path), model={"embedding_dim": 64})
+    with pytest.raises(CheckpointError, match=r"epoch-2.pt: saved with a different model.embed"):
+        resume(store, layout, other, "mid", "r", build_model("mid", other), opt, scaler)
+    assert resume(store, layout, cfg, "mid", "new-run", fresh, opt, scaler).epoch == 0
+
+    keep = make_cfg(str(tmp_path), training={"keep_checkpoints": 1})
+    save_checkpoint(store, layout, keep, "mid", "r", model, optimizer, scaler, TrainState(4))
+    assert [e for e, _ in list_checkpoints(store, layout, "mid", "r")] == [4]
+
+
+class NotAllowed:
+    """Any class: `weights_only=True` must refuse to rebuild it."""
+
+
+def test_model_files_load_weights_only_and_anything_else_is_refused(tmp_path: Path) -> None:
+    cfg = make_cfg(str(tmp_path), model={"late_fusion_rule": "max"})
+    store = open_storage(cfg.storage)
+    model = build_model("late", cfg)
+    save_model(store, "m/model.pt", model, cfg, "late", 3, 0.25)
+    data = store.read_bytes("m/model.pt")
+    assert torch.load(io.BytesIO(data), weights_only=True)["fusion"] == "late"
+    loaded, meta = load_model(data, "m/model.pt")
+    assert loaded.rule == "max" and meta["epoch"] == 3 and meta["val_loss"] == 0.25
+    assert torch.equal(loaded.audio.proj.weight, model.audio.proj.weight)
+
+    def saved(obj: Any) -> bytes:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return buf.getvalue()
+
+    good = torch.load(io.BytesIO(data), weights_only=True)
+    cases = [
+        ("not a safe torch file", saved({"format_version": 1, "evil": NotAllowed()})),
+        ("not a safe torch file", b"PK\x03\x04 garbage"),
+        ("not a format-1 file", saved({**good, "format_version": 2})),
+        ("not a model file", saved({k: v for k, v in good.items() if k != "state_dict"})),
+        ("weights do not fit the mid model", saved({**good, "fusion": "mid"})),
+        ("its config does not fit", saved({**good, "config": {"model": {"colour": 1}}})),
+    ]
+    for message, blob in cases:
+        with pytest.raises(CheckpointError, match=f"^bad.pt: {message}"):
+            load_model(blob, "bad.pt")
+
+
+def test_pretrained_image_weights_from_a_local_file_or_a_bucket_key(tmp_path: Path) -> None:
+    weights = resnet18(weights=None).state_dict()
+    path = tmp_path / "resnet18.pt"
+    torch.save(weights, path)
+    store = open_storage(make_cfg(str(tmp_path / "bucket")).storage)
+    store.write_bytes("weights/resnet18.pt", path.read_bytes())
+    for source in (str(path), "weights/resnet18.pt"):
+        cfg = make_cfg(str(tmp_path / "bucket"), model={"pretrained_image_weights": source})
+        loaded = read_image_weights(cfg, store)
+        assert loaded is not None and torch.equal(loaded["fc.weight"], weights["fc.weight"])
+    missing = make_cfg(str(tmp_path / "bucket"), model={"pretrained_image_weights": "nope.pt"})
+    with pytest.raises(ConfigError, match="model.pretrained_image_weights: 'nope.pt' is neither"):
+        read_image_weights(missing, store)
+    foreign = {"conv1.weight": torch.zeros(3)}
+    buf = io.BytesIO()
+    torch.save(foreign, buf)
+    store.write_bytes("weights/other.pt", buf.getvalue())
+    other = make_cfg(
+        str(tmp_path / "bucket"), model={"pretrained_image_weights": "weights/other.pt"}
+    )
+    with pytest.raises(CheckpointError, match="weights/other.pt: .*expected"):
+        read_image_weights(other, store)
+
+
+def test_losses_csv_keeps_one_valid_table_for_every_fusion(tmp_path: Path) -> None:
+    store = open_storage(make_cfg(str(tmp_path)).storage)
+
+    def history(n: int, loss: float) -> list[dict[str, Any]]:
+        return [
+            {
+                f"{s}_{k}": loss
+                for s in ("train", "val")
+                for k in ("bce", "consistency", "loss", "acc")
+            }
+            | {"epoch": e}
+            for e in range(1, n + 1)
+        ]
+
+    update_losses(store, "l.csv", "mid", history(1, 0.9))
+    update_losses(store, "l.csv", "early", history(2, 0.5))
+    update_losses(store, "l.csv", "mid", history(2, 0.4))  # mid's next epoch replaces its rows
+    text = store.read_bytes("l.csv").decode()
+    assert text.splitlines()[0] == "fusion,epoch,split,bce,consistency,total,accuracy"
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 8
+    assert {r["total"] for r in rows if r["fusion"] == "mid"} == {"0.4"}
+
+
+def test_unusable_inputs_fail_before_training(tmp_path: Path) -> None:
+    cfg = make_cfg(str(tmp_path))
+    store = open_storage(cfg.storage)
+    features = write_features(store, n_train=16, n_val=8)
+    one_class = features.model_copy(update={"counts": {**features.counts, "train": {"real": 16}}})
+    with pytest.raises(DataError, match="train split needs real and fake pairs"):
+        fit(cfg, one_class, "mid", "bad")
+    no_val = features.model_copy(update={"shards": {"train": features.shards["train"]}})
+    with pytest.raises(DataError, match="the val split has no feature shards"):
+        fit(cfg, no_val, "mid", "bad")
+    with pytest.raises(ConfigError, match="fusion 'hybrid'"):
+        fit(cfg, features, "hybrid", "bad")
+    small = make_cfg(str(tmp_path), training={"batch_size": 1})
+    with pytest.raises(ConfigError, match=r"training.batch_size \(1\) is below"):
+        fit(small, features, "mid", "bad")
+
+
+# --- the train-fusion flow -------------------------------------------------------------------
+
+
+@pytest.mark.slow  # Prefect's test server, preprocessing and three epochs
+def test_train_fusion_flow_trains_then_a_rerun_of_the_run_resumes(
+    prefect_harness: None, tmp_path: Path
+) -> None:
+    """The whole recipe through Prefect on a generated benchmark of 32 pairs: set-up, manifest,
+    features, training; then the same run id with one more epoch continues, not restarts."""
+    from flows.train_fusion import parser, train_fusion
+    from tasks.make_dataset import generate
+
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    generate(open_storage(make_cfg(str(bucket)).storage), Layout(), 32, seed=5, workers=1)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        f"storage: {{uri: '{bucket}'}}\n"
+        f"data: {{n_mels: {M}, spec_frames: {T}, image_size: {S}, shard_size: 8, "
+        "val_fraction: 0.25, test_fraction: 0.25}\n"  # 14 train, 9 val, 9 test pairs
+        "training: {epochs: 1, batch_size: 4, device: cpu}\n"
+    )
+    first = train_fusion(config_path=str(config), fusion="late", run="flow1")
+    assert (first.fusion, first.epochs, first.resumed_from) == ("late", 1, None)
+    again = train_fusion(str(config), "late", "flow1", ["training.epochs=2"])
+    assert (again.epochs, again.resumed_from) == (2, 1)
+    epochs = jsonl(open_storage(make_cfg(str(bucket)).storage), Layout().epoch_log("late", "flow1"))
+    assert [e["epoch"] for e in epochs] == [1, 2]
+
+    args = parser().parse_args(["--config", str(config), "--fusion", "mid", "--run", "r9"])
+    assert (args.fusion, args.run, args.overrides) == ("mid", "r9", [])
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--config", str(config), "--fusion", "hybrid"])
