@@ -294,38 +294,43 @@ class S3Storage:
         self.max_pool_connections = max_pool_connections
         self.multipart_threshold = multipart_threshold
         self.presign_expiry_s = presign_expiry_s
-        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._client: Any = None
         self._pid = os.getpid()
 
-    # boto3 clients are thread-safe but must not cross a fork: make one per process.
+    # One client per process: boto3 clients are thread-safe (creating them is not, hence the
+    # lock) but must not cross a fork, so a forked child builds its own.
     @property
     def client(self) -> Any:
-        if self._pid != os.getpid() or getattr(self._local, "client", None) is None:
-            import boto3
-            from botocore.config import Config
+        if self._client is None or self._pid != os.getpid():
+            with self._lock:
+                if self._client is None or self._pid != os.getpid():
+                    import boto3
+                    from botocore.config import Config
 
-            self._pid = os.getpid()
-            self._local.client = boto3.session.Session().client(
-                "s3",
-                endpoint_url=self.endpoint_url,
-                region_name=self.region,
-                config=Config(
-                    retries={"max_attempts": self.max_attempts, "mode": "adaptive"},
-                    max_pool_connections=self.max_pool_connections,
-                    connect_timeout=10,
-                    read_timeout=60,
-                ),
-            )
-        return self._local.client
+                    self._client = boto3.session.Session().client(
+                        "s3",
+                        endpoint_url=self.endpoint_url,
+                        region_name=self.region,
+                        config=Config(
+                            retries={"max_attempts": self.max_attempts, "mode": "adaptive"},
+                            max_pool_connections=self.max_pool_connections,
+                            connect_timeout=10,
+                            read_timeout=60,
+                        ),
+                    )
+                    self._pid = os.getpid()
+        return self._client
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.pop("_local", None)
+        state.pop("_lock", None)
+        state["_client"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._local = threading.local()
+        self._lock = threading.Lock()
 
     def _key(self, key: str) -> str:
         return self.prefix + _check_key(key.rstrip("/") or key) + ("/" if key.endswith("/") else "")

@@ -212,3 +212,16 @@ def test_local_files_get_ordinary_permissions(tmp_path: Path) -> None:
     os.umask(umask)
     for rel in ("outputs/reports/r/report.html", "outputs/models/m.pt"):
         assert (tmp_path / rel).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_s3_client_is_shared_by_threads_and_survives_pickling(s3_server, s3_bucket: str) -> None:  # type: ignore[no-untyped-def]
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = S3Storage(f"s3://{s3_bucket}", endpoint_url=s3_server.endpoint_url)
+    with ThreadPoolExecutor(4) as pool:
+        clients = set(pool.map(lambda _: id(store.client), range(8)))
+    assert len(clients) == 1
+    copy = pickle.loads(pickle.dumps(store))
+    copy.write_bytes("outputs/p.txt", b"ok")
+    assert store.read_bytes("outputs/p.txt") == b"ok"
