@@ -12,7 +12,7 @@ export PREFECT_LOGGING_EXTRA_LOGGERS ?= tasks,models,config,flows
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test venv lint clean data evaluate stack-up stack-down
+.PHONY: run test venv lint clean bench evaluate stack-up stack-down
 
 # Reinstall when either requirements file changes.
 $(STAMP): requirements.txt requirements-dev.txt
@@ -39,6 +39,10 @@ stack-up: $(STAMP)
 
 stack-down:
 	$(BIN)/python -m scripts.stack down --dir $(STACK_DIR)
+
+# Preprocessing throughput ratios (concurrent vs sequential fetch, cache hit vs miss).
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_preprocess
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check . && $(BIN)/ruff check . && $(BIN)/mypy tasks config models
