@@ -26,6 +26,10 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m flows.train_all_fusions --config $(CONFIG)
 
+# Re-evaluate a finished run from the bucket alone (RUN=<id>; default: the newest run).
+evaluate: $(STAMP)
+	$(BIN)/python -m flows.evaluate --config $(CONFIG) $(if $(RUN),--run $(RUN),)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -221,7 +221,8 @@ def fit(
 
 
 def pick_device(name: str) -> torch.device:
-    """ "auto": CUDA when present, else the CPU; "cuda" without a GPU is a config error."""
+    """The device `training.device` names: auto = CUDA when present, else the CPU; cuda without
+    a GPU is a config error."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("training.device: cuda requested but no CUDA device is available")
     if name == "cpu" or not torch.cuda.is_available():
