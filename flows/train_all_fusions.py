@@ -19,6 +19,7 @@ from tasks.steps import (
     build_features,
     build_manifest,
     check_unchanged,
+    collect_losses,
     evaluate_and_publish,
     fill_demo_dataset,
     finish_run,
@@ -56,6 +57,7 @@ def train_all_fusions(
         trained = train_on_workers(cfg, config_path, overrides or [], run)
     else:
         trained = train_here(cfg, features, run)
+    collect_losses(cfg, trained, run)
     evaluation = evaluate_and_publish(cfg, features, trained, run, manifest)
     decisions = promote_champions(cfg, features, trained, evaluation, manifest)
     finish_run(cfg, run, manifest)

@@ -190,6 +190,16 @@ def fill_demo_dataset(cfg: PipelineConfig) -> int:
     return written
 
 
+@task(name="collect-losses", **IO_RETRIES)
+def collect_losses(cfg: PipelineConfig, trained: list[TrainedRef], run: str) -> str:
+    """Rebuild the run's losses.csv from the fusions' epoch logs (one writer, after training)."""
+    store = storage.open_storage(cfg.storage)
+    layout = Layout.from_config(cfg.storage)
+    key = training.rebuild_losses(store, layout, run, [t.fusion for t in trained])
+    get_run_logger().info("losses of %d fusions -> %s", len(trained), store.uri(key))
+    return key
+
+
 @task(name="check-unchanged", **IO_RETRIES)
 def check_unchanged(cfg: PipelineConfig, manifest: ManifestRef) -> champion.SkipDecision:
     """Nightly: has anything changed since the last completed run?"""

@@ -630,6 +630,20 @@ def update_losses(store: Storage, key: str, fusion: str, history: list[dict[str,
         store.write_bytes(key, out.getvalue().encode(), "text/csv")
 
 
+def rebuild_losses(store: Storage, layout: Layout, run: str, fusions: Iterable[str]) -> str:
+    """Rewrite the run's losses.csv from every fusion's epoch log, in one writer.
+
+    Fusions trained in separate processes (fan-out) update losses.csv concurrently, and a
+    read-modify-write can drop another fusion's rows; the epoch logs are per fusion and complete.
+    """
+    key = layout.losses(run)
+    for fusion in fusions:
+        text = store.read_bytes(layout.epoch_log(fusion, run)).decode()
+        history = [json.loads(line) for line in text.splitlines() if line.strip()]
+        update_losses(store, key, fusion, history)
+    return key
+
+
 def save_emotion_vectors(store: Storage, key: str, preds: Predictions, epoch: int) -> str:
     """The validation split's emotion embeddings of the best epoch, as an .npz."""
     buf = io.BytesIO()

@@ -55,6 +55,7 @@ class Stage:
     logs: tuple[str, ...] = ()  # regexes, each matched by at least one log line of the run
     loggers: tuple[str, ...] = ()  # logger names with INFO lines in the run's logs (project's own)
     artifacts: tuple[str, ...] = ()  # artifact keys created by the run
+    report: tuple[str, ...] = ()  # texts the run's report.html must contain
 
 
 OUTPUT_FOLDERS = (
@@ -102,9 +103,19 @@ STAGES: dict[str, Stage] = {
         ),
         artifacts=("evaluation-metrics", "evaluation-summary"),
     ),
+    "champion": Stage(
+        tasks=("start-run", "promote-champions", "finish-run"),
+        objects=(
+            *((f"outputs/models/{f}/champion.json", 1) for f in FUSIONS),
+            (f"outputs/reports/{RUN}/champions.json", 1),
+            ("outputs/manifests/last-run.json", 1),
+        ),
+        logs=tuple(rf"champion {f}: run {RUN} promoted: first champion" for f in FUSIONS),
+        report=tuple(f"{f}: run {RUN} promoted" for f in FUSIONS),
+    ),
 }
-WIRED: tuple[str, ...] = ("set-up",)  # stages train-all-fusions runs today; extend as they land
-FAN_OUT_WIRED = False  # train-all-fusions calls flows.fanout.train_on_workers when fan_out is on
+WIRED: tuple[str, ...] = tuple(STAGES)  # stages train-all-fusions runs (all of them by now)
+FAN_OUT_WIRED = True  # train-all-fusions calls flows.fanout.train_on_workers when fan_out is on
 
 
 # --- the stack ------------------------------------------------------------------------------------
@@ -297,6 +308,15 @@ def test_nightly_deployment_runs_the_pipeline(stack: StackState):
     if "evaluation" in WIRED:
         table = next(a for a in artifacts if a.key == "evaluation-metrics")
         assert table.type == "table" and "auc" in json.dumps(table.data).lower()
+
+    report = ""
+    if any(stage.report for stage in expected):
+        key = f"outputs/reports/{RUN}/report.html"
+        body = stack_mod.s3_client(stack).get_object(Bucket=BUCKET, Key=key)["Body"]
+        report = body.read().decode()
+    for stage in expected:
+        for text in stage.report:
+            assert text in report, f"report.html does not say {text!r}"
 
     objects = bucket_keys(stack)
     for stage in expected:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import pytest
-import torch
 
 from config.load import validate_config
 from config.schema import MemoryConfig
@@ -25,16 +24,6 @@ from tasks.memory import (
 
 GB = 2**30
 CFG = MemoryConfig(cap=0.8, shrink_threshold=0.7, min_batch_size=2, cap_wait_s=0)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: tiny tensors gain nothing from more, and on a shared CPU extra
-    threads only contend (several times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def readings(*values: float) -> Callable[[], float]:

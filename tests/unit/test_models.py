@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,16 +13,6 @@ from config.load import validate_config
 from models import FUSIONS, AudioModel, FusionOutput, ImageModel, build_model, consistency_loss
 
 B, M, T, S = 4, 16, 24, 32  # batch, mel bands, frames, image side: tiny on purpose
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: tiny tensors gain nothing from more, and on a shared CPU extra
-    threads only contend (several times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def config(**model: object) -> object:

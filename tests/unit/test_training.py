@@ -66,16 +66,6 @@ STEP_KEYS = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: tiny tensors gain nothing from more, and on a shared CPU extra
-    threads only contend (several times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --- data and config -------------------------------------------------------------------------
 
 
@@ -583,3 +573,28 @@ def test_each_fusion_beats_chance_on_the_generated_benchmark(tmp_path: Path) -> 
         fit(cfg, features, fusion, "bench")
         epochs = jsonl(store, Layout().epoch_log(fusion, "bench"))
         assert max(e["val_acc"] for e in epochs) >= 0.6, (fusion, epochs)
+
+
+def test_rebuild_losses_restores_rows_lost_to_concurrent_writers(tmp_path: Path) -> None:
+    from tasks.training import rebuild_losses
+
+    store = open_storage(make_cfg(str(tmp_path)).storage)
+    layout = Layout()
+
+    def history(n: int, loss: float) -> list[dict[str, Any]]:
+        keys = ("bce", "consistency", "loss", "acc")
+        return [
+            {f"{s}_{k}": loss for s in ("train", "val") for k in keys} | {"epoch": e}
+            for e in range(1, n + 1)
+        ]
+
+    for fusion, loss in (("early", 0.7), ("mid", 0.5)):
+        lines = "".join(json.dumps(r) + "\n" for r in history(2, loss))
+        store.write_bytes(layout.epoch_log(fusion, "r9"), lines.encode())
+    update_losses(store, layout.losses("r9"), "mid", history(2, 0.5))  # early's rows were lost
+    rebuild_losses(store, layout, "r9", ["early", "mid"])
+    table = list(csv.DictReader(io.StringIO(store.read_bytes(layout.losses("r9")).decode())))
+    assert {(r["fusion"], r["epoch"], r["split"]) for r in table} == {
+        (f, str(e), s) for f in ("early", "mid") for e in (1, 2) for s in ("train", "val")
+    }
+    assert {r["total"] for r in table if r["fusion"] == "early"} == {"0.7"}
