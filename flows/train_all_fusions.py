@@ -1,6 +1,6 @@
 """`train-all-fusions`: the nightly pipeline, from bucket set-up to published evaluation.
 
-    python -m flows.train_all_fusions --config config/demo.yaml [--set training.epochs=1]
+python -m flows.train_all_fusions --config config/demo.yaml [--set training.epochs=1]
 """
 
 from __future__ import annotations
