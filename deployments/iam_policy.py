@@ -16,7 +16,6 @@ Nothing else: no other bucket, no bucket settings, no deletes of data or results
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from typing import Any
 
 from config.load import load_config
 from config.schema import PipelineConfig
+from flows.common import base_parser
 from tasks.errors import ConfigError
 
 
@@ -58,16 +58,7 @@ def bucket_policy(cfg: PipelineConfig, partition: str = "aws") -> dict[str, Any]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--config", default="config/config.yaml")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one setting (repeatable)",
-    )
+    parser = base_parser((__doc__ or "").splitlines()[0])
     parser.add_argument("--partition", default="aws", help="ARN partition (aws, aws-cn, ...)")
     args = parser.parse_args(argv)
     try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import pytest
 
@@ -21,21 +21,10 @@ from tasks.memory import (
     monitor_memory,
     plan_concurrency,
 )
+from tests.unit.memory_readings import readings
 
 GB = 2**30
 CFG = MemoryConfig(cap=0.8, shrink_threshold=0.7, min_batch_size=2, cap_wait_s=0)
-
-
-def readings(*values: float) -> Callable[[], float]:
-    """A memory reader that plays `values`, then repeats the last one."""
-    it = iter(values)
-    last = [values[-1]]
-
-    def read() -> float:
-        last[0] = next(it, last[0])
-        return last[0]
-
-    return read
 
 
 def test_monitor_memory_reads_system_memory_in_percent() -> None:

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from tasks.training import (
     train_one_epoch,
     update_losses,
 )
+from tests.unit.memory_readings import readings
 
 M, T, S = 16, 16, 32  # log-mel bands, frames, image side
 REPO = Path(__file__).resolve().parents[2]
@@ -121,17 +122,6 @@ def make_cfg(uri: str, endpoint: str | None = None, **sections: dict[str, Any]) 
 
 def jsonl(store: Storage, key: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in store.read_bytes(key).decode().splitlines()]
-
-
-def readings(*values: float) -> Callable[[], float]:
-    it = iter(values)
-    last = [values[-1]]
-
-    def read() -> float:
-        last[0] = next(it, last[0])
-        return last[0]
-
-    return read
 
 
 # --- learning and the files training writes --------------------------------------------------
