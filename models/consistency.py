@@ -20,7 +20,8 @@ def emotional_consistency(audio_emb: Tensor, image_emb: Tensor) -> Tensor:
             f"embeddings must both be (B, D), got {tuple(audio_emb.shape)} "
             f"and {tuple(image_emb.shape)}"
         )
-    return F.cosine_similarity(audio_emb.float(), image_emb.float(), dim=1, eps=1e-8)
+    cos = F.cosine_similarity(audio_emb.float(), image_emb.float(), dim=1, eps=1e-8)
+    return cos.clamp(-1.0, 1.0)  # rounding can land an ulp outside; the range holds exactly
 
 
 def consistency_loss(

@@ -135,7 +135,10 @@ def log_mel(y: np.ndarray, sr: int, cfg: Any) -> np.ndarray:
     if peak <= 1e-10:  # digital silence
         return np.full((1, cfg.n_mels, cfg.spec_frames), -1.0, dtype=np.float32)
     db = 10.0 * np.log10(np.maximum(mel, peak * 10 ** (-TOP_DB / 10)) / peak)  # [-80, 0]
-    return (db / (TOP_DB / 2) + 1.0).astype(np.float32)[None]  # (1, n_mels, spec_frames)
+    # The clip makes the documented range hold by construction: log10 and the division round
+    # differently with each CPU's float kernels (AVX-512 or not), by an ulp either side.
+    scaled = np.clip(db / (TOP_DB / 2) + 1.0, -1.0, 1.0)
+    return scaled.astype(np.float32)[None]  # (1, n_mels, spec_frames)
 
 
 def mel_params(cfg: Any) -> tuple[int, int]:

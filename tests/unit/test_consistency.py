@@ -23,6 +23,16 @@ def test_consistency_is_the_cosine_similarity() -> None:
     assert emotional_consistency(*orthogonal).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_consistency_never_leaves_its_documented_range() -> None:
+    # Parallel vectors of awkward magnitudes: rounding alone would put some cosines an ulp
+    # outside [-1, 1] on some float kernels; the range must hold exactly, on any CPU.
+    gen = torch.Generator().manual_seed(3)
+    audio = torch.randn(512, 128, generator=gen) * torch.logspace(-3, 3, 512)[:, None]
+    for other in (audio * 7.3, -audio * 0.11, audio):
+        cos = emotional_consistency(audio, other)
+        assert cos.min().item() >= -1.0 and cos.max().item() <= 1.0
+
+
 def test_real_pairs_lose_less_when_their_emotions_match() -> None:
     audio, matching, mismatching = pairs()
     real = torch.full((4,), float(REAL))
