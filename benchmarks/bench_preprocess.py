@@ -63,9 +63,11 @@ def main() -> None:
     import boto3
 
     from config.load import validate_config
-    from tasks import make_dataset, manifest, preprocess
-    from tasks.layout import Layout
-    from tasks.storage import open_storage
+    from tasks.data import features as preprocess
+    from tasks.data import manifest
+    from tasks.data import synthetic as make_dataset
+    from tasks.io.layout import Layout
+    from tasks.io.storage import open_storage
 
     server, endpoint = start_s3(args.latency_ms / 1000)
     try:

@@ -76,7 +76,7 @@ class DataConfig(Section):
 
 
 class GeneratorConfig(Section):
-    """The synthetic benchmark (`tasks/make_dataset.py`), for trying the product without data."""
+    """The synthetic benchmark (`tasks/data/synthetic.py`), for trying the product without data."""
 
     # Fill an empty dataset/ with the benchmark before the manifest (the demo). Off in production:
     # an empty bucket there is a mistake that must fail loudly, not be papered over with toy data.

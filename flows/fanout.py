@@ -27,9 +27,9 @@ from prefect.deployments import run_deployment
 
 from config.schema import PipelineConfig
 from tasks.errors import CheckpointError, DetectorError, ObjectNotFound
-from tasks.layout import Layout
+from tasks.io.layout import Layout
+from tasks.io.storage import Storage, open_storage
 from tasks.refs import TrainedRef
-from tasks.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 

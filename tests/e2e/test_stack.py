@@ -92,7 +92,7 @@ STAGES: dict[str, Stage] = {
             *((f"outputs/logs/{RUN}/steps-{f}.jsonl", 1) for f in FUSIONS),
         ),
         logs=tuple(rf"\b{f} epoch 1/1: train loss" for f in FUSIONS),  # the per-epoch lines
-        loggers=("tasks.training",),
+        loggers=("tasks.train.fit",),
     ),
     "evaluation": Stage(
         tasks=("evaluate-and-publish",),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.layout import Layout
+from tasks.io.layout import Layout
 
 TINY = """
 storage:

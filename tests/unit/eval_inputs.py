@@ -8,11 +8,12 @@ import json
 
 import numpy as np
 
-from tasks import evaluation, plots
-from tasks.layout import Layout
+from tasks.evaluate import metrics as evaluation
+from tasks.evaluate import plots
+from tasks.evaluate.inference import Predictions
+from tasks.io.layout import Layout
+from tasks.io.storage import Storage
 from tasks.refs import FeatureRef, ManifestRef, TrainedRef
-from tasks.storage import Storage
-from tasks.training import Predictions
 
 FUSIONS = ("early", "mid", "late")
 DIM = 8  # embedding size of the synthetic vectors

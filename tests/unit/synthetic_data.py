@@ -18,9 +18,9 @@ from PIL import Image
 
 from config.load import validate_config
 from config.schema import PipelineConfig
-from tasks.layout import Layout
-from tasks.make_dataset import generate
-from tasks.storage import CHUNK, ObjectInfo, Storage
+from tasks.data.synthetic import generate
+from tasks.io.layout import Layout
+from tasks.io.storage import CHUNK, ObjectInfo, Storage
 
 TINY_DATA = {
     "n_mels": 32,

@@ -13,12 +13,12 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.runtime import flow_run
 
 from config.schema import StorageConfig
-from tasks import artifacts
-from tasks.evaluation import METRIC_NAMES, calculate_metrics
-from tasks.layout import Layout
-from tasks.plots import plot_names
+from flows import artifacts
+from tasks.evaluate.metrics import METRIC_NAMES, calculate_metrics
+from tasks.evaluate.plots import plot_names
+from tasks.io.layout import Layout
+from tasks.io.storage import open_storage
 from tasks.refs import EvaluationRef
-from tasks.storage import open_storage
 from tests.unit import eval_inputs
 
 RUN = "20260101T000000Z"

@@ -9,10 +9,10 @@ import pytest
 
 from config.load import validate_config
 from config.schema import StorageConfig
-from tasks import champion
 from tasks.errors import CheckpointError
-from tasks.layout import Layout
-from tasks.storage import LocalStorage, open_storage
+from tasks.io.layout import Layout
+from tasks.io.storage import LocalStorage, open_storage
+from tasks.runs import champions as champion
 
 SPLIT = champion.split_hash(["p1", "p2", "p3"])
 OTHER_SPLIT = champion.split_hash(["p1", "p2", "p4"])
@@ -53,7 +53,7 @@ def test_first_model_becomes_champion(store):
 
 def test_better_or_equal_model_on_same_split_is_promoted(store, caplog):
     promote(store, run="r1", auc=0.80)
-    with caplog.at_level(logging.INFO, logger="tasks.champion"):
+    with caplog.at_level(logging.INFO, logger="tasks.runs.champions"):
         equal = promote(store, run="r2", auc=0.80)
     assert equal.promoted and equal.champion_auc == 0.80 and equal.champion_run == "r1"
     assert "r2" in caplog.text and "0.8000 >= champion run r1's 0.8000" in caplog.text

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import consistency_loss, emotional_consistency
-from tasks.layout import FAKE, REAL
+from tasks.io.layout import FAKE, REAL
 
 
 def pairs(d: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

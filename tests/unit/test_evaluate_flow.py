@@ -17,13 +17,15 @@ from config import load_config
 from config.schema import PipelineConfig
 from flows.common import run_cli
 from flows.evaluate import evaluate_models, main, parser
+from flows.steps import evaluate_and_publish
 from models import build_model
-from tasks import publish, shards, training
+from tasks.data import shards
 from tasks.errors import CheckpointError
-from tasks.layout import Layout
+from tasks.evaluate import publish
+from tasks.io.layout import Layout
+from tasks.io.storage import open_storage
 from tasks.refs import EvaluationRef, FeatureRef, ManifestRef, TrainedRef
-from tasks.steps import evaluate_and_publish
-from tasks.storage import open_storage
+from tasks.train import fit as training
 
 RUN = "20260101T000000Z"
 EVIL_RUN = "20260102T000000Z"

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tasks import evaluation as ev
+from tasks.evaluate import metrics as ev
 
 # Four reals, four fakes; one real (0.6) outranks one fake (0.4).
 #   threshold 0.5 -> called fake: 0.6(real), 0.7, 0.8, 0.9  => tn 3, fp 1, fn 1, tp 3

@@ -20,9 +20,9 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from config.load import validate_config
 from flows.fanout import FanOutError, train_on_workers, trained_ref_from_bucket
 from tasks.errors import CheckpointError
-from tasks.layout import Layout
+from tasks.io.layout import Layout
+from tasks.io.storage import LocalStorage, open_storage
 from tasks.refs import TrainedRef
-from tasks.storage import LocalStorage, open_storage
 
 
 def write_training(store, fusion: str, run: str, val_losses: list[float]) -> None:

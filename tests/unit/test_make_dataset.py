@@ -21,8 +21,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 
 from config.load import validate_config
-from tasks import make_dataset
-from tasks.make_dataset import (
+from tasks.data import synthetic as make_dataset
+from tasks.data.synthetic import (
     AUDIO_FAMILIES,
     EMOTIONS,
     FAKE_FAMILIES,
@@ -32,7 +32,7 @@ from tasks.make_dataset import (
     ensure_demo_dataset,
     plan_pairs,
 )
-from tasks.storage import open_storage
+from tasks.io.storage import open_storage
 from tests.unit.synthetic_data import generated
 
 N = 168  # 84 real pairs and 12 of each of the 7 fake families
@@ -306,8 +306,8 @@ def test_small_cnns_learn_the_artefacts_in_a_few_epochs() -> None:
     import torch
     from torch import nn
 
-    from tasks.manifest import split_of
-    from tasks.preprocess import preprocess_audio, preprocess_image
+    from tasks.data.features import preprocess_audio, preprocess_image
+    from tasks.data.manifest import split_of
 
     objects = generated(280, seed=8)
     rows = pairs_of(objects)

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from config.schema import PipelineConfig
+from tasks.data.manifest import build_manifest, read_manifest, split_of, stable_fraction
 from tasks.errors import DataError
-from tasks.layout import SPLITS, Layout
-from tasks.manifest import build_manifest, read_manifest, split_of, stable_fraction
-from tasks.storage import Storage, open_storage
+from tasks.io.layout import SPLITS, Layout
+from tasks.io.storage import Storage, open_storage
 from tests.unit.synthetic_data import generated, listing_bad_files, load_into, tiny_config
 
 

@@ -11,7 +11,7 @@ from config.load import validate_config
 from config.schema import MemoryConfig
 from models import build_model
 from tasks.errors import ConfigError, is_transient_error
-from tasks.memory import (
+from tasks.train.memory import (
     MemoryCapReached,
     MemoryGuard,
     adjust_batch_size,
@@ -44,7 +44,7 @@ def test_guard_halves_each_batch_while_memory_stays_high_and_logs_the_reading(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     guard = MemoryGuard(CFG, 16, read_memory=readings(50, 72, 75, 74, 60), total_bytes=16 * GB)
-    caplog.set_level(logging.WARNING, logger="tasks.memory")
+    caplog.set_level(logging.WARNING, logger="tasks.train.memory")
     events = [guard.check() for _ in range(6)]
     assert events == [None, "shrink", "shrink", "shrink", None, None]
     assert guard.batch_size == 2  # 16 -> 8 -> 4 -> 2, then stays for the rest of the epoch
@@ -89,7 +89,7 @@ def test_guard_resumes_when_memory_is_freed_while_it_waits() -> None:
 
 def test_out_of_memory_halves_until_the_minimum(caplog: pytest.LogCaptureFixture) -> None:
     guard = MemoryGuard(CFG, 16, read_memory=readings(40.0), total_bytes=16 * GB)
-    caplog.set_level(logging.WARNING, logger="tasks.memory")
+    caplog.set_level(logging.WARNING, logger="tasks.train.memory")
     assert guard.on_oom(16) == 8
     assert guard.batch_size == 8
     assert guard.on_oom(3) == 2

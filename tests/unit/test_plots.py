@@ -9,7 +9,7 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from tasks import plots
+from tasks.evaluate import plots
 from tests.unit import eval_inputs
 
 

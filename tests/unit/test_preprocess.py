@@ -15,10 +15,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from tasks.errors import CorruptSample, DataError
-from tasks.layout import SPLITS
-from tasks.manifest import build_manifest
-from tasks.preprocess import (
+from tasks.data.features import (
     DeepfakeDataset,
     batches,
     build_features,
@@ -27,8 +24,11 @@ from tasks.preprocess import (
     preprocess_image,
     split_dataset,
 )
-from tasks.shards import read_shard
-from tasks.storage import Storage, open_storage
+from tasks.data.manifest import build_manifest
+from tasks.data.shards import read_shard
+from tasks.errors import CorruptSample, DataError
+from tasks.io.layout import SPLITS
+from tasks.io.storage import Storage, open_storage
 from tests.unit.synthetic_data import (
     TINY_DATA,
     CountingStore,
@@ -281,7 +281,7 @@ def test_a_split_losing_a_class_to_bad_files_is_fatal(
     store = open_storage(cfg.storage)
     load_into(store, bench)
     manifest = build_manifest(store, cfg, "r")
-    from tasks.manifest import read_manifest
+    from tasks.data.manifest import read_manifest
 
     for row in read_manifest(store, manifest.key):
         if row.split == "test" and row.label == 1:
@@ -320,7 +320,7 @@ def test_dataset_streams_the_shards(tmp_path: Path, bench: dict[str, bytes]) -> 
 
 
 def test_feature_hash_covers_content_and_settings() -> None:
-    from tasks.manifest import PairRow
+    from tasks.data.manifest import PairRow
 
     row = PairRow("p", "train", 1, "f", "", "a.wav", 1, "e1", "i.png", 1, "e2")
     base = feature_hash([row], DATA)
@@ -336,8 +336,8 @@ def test_feature_hash_covers_content_and_settings() -> None:
 def test_step_wrappers_return_references(tmp_path: Path, bench: dict[str, bytes]) -> None:
     from prefect.logging import disable_run_logger
 
-    from tasks.steps import build_features as features_step
-    from tasks.steps import build_manifest as manifest_step
+    from flows.steps import build_features as features_step
+    from flows.steps import build_manifest as manifest_step
 
     cfg = tiny_config("local", tmp_path)
     load_into(open_storage(cfg.storage), bench)
@@ -351,10 +351,10 @@ def test_step_wrappers_return_references(tmp_path: Path, bench: dict[str, bytes]
 def test_steps_retry_transient_storage_faults_only() -> None:
     from prefect.states import Failed
 
+    from flows.steps import build_features as features_step
+    from flows.steps import build_manifest as manifest_step
+    from flows.steps import is_transient
     from tasks.errors import Throttled
-    from tasks.steps import build_features as features_step
-    from tasks.steps import build_manifest as manifest_step
-    from tasks.steps import is_transient
 
     for step in (manifest_step, features_step):
         assert step.retries == 4 and step.retry_condition_fn is is_transient

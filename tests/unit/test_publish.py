@@ -12,10 +12,12 @@ import pytest
 from PIL import Image
 
 from config.schema import PipelineConfig, StorageConfig
-from tasks import publish
 from tasks.errors import DataError, ObjectNotFound
-from tasks.layout import Layout
-from tasks.storage import LocalStorage, open_storage
+from tasks.evaluate import publish
+from tasks.evaluate.inference import pick_device
+from tasks.io import records
+from tasks.io.layout import Layout
+from tasks.io.storage import LocalStorage, open_storage
 from tests.unit import eval_inputs
 
 RUN = "20260101T000000Z"
@@ -169,9 +171,9 @@ def test_a_bad_log_line_is_named(tmp_path: Path) -> None:
     store = LocalStorage(str(tmp_path))
     store.write_bytes("logs/train-early.jsonl", b'{"epoch": 1}\n\n{"epoch": 2\n')
     with pytest.raises(DataError, match=r"train-early.jsonl, line 3: not JSON"):
-        publish.read_jsonl(store, "logs/train-early.jsonl")
+        records.read_jsonl(store, "logs/train-early.jsonl")
     store.write_bytes("logs/ok.jsonl", b'{"epoch": 1}\n{"epoch": 2}\n')
-    assert publish.read_jsonl(store, "logs/ok.jsonl") == [{"epoch": 1}, {"epoch": 2}]
+    assert records.read_jsonl(store, "logs/ok.jsonl") == [{"epoch": 1}, {"epoch": 2}]
 
 
 def test_emotion_vectors_are_read_without_pickle(tmp_path: Path) -> None:
@@ -194,5 +196,5 @@ def test_emotion_vectors_are_read_without_pickle(tmp_path: Path) -> None:
 
 
 def test_resolve_device() -> None:
-    assert publish.resolve_device("cpu").type == "cpu"
-    assert publish.resolve_device("auto").type in ("cpu", "cuda")
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type in ("cpu", "cuda")

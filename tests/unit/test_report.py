@@ -7,8 +7,8 @@ import re
 from html.parser import HTMLParser
 
 from config.schema import PipelineConfig
-from tasks import plots, publish
-from tasks.report import render_report
+from tasks.evaluate import plots, publish
+from tasks.evaluate.report import render_report
 from tests.unit import eval_inputs
 
 RUN = "20260101T000000Z"

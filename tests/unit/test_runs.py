@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks.layout import Layout
-from tasks.runs import add_report_section, begin_run, end_run, in_progress_key
-from tasks.storage import LocalStorage
+from tasks.io.layout import Layout
+from tasks.io.storage import LocalStorage
+from tasks.runs.ids import add_report_section, begin_run, end_run, in_progress_key
 
 
 def test_interrupted_run_is_resumed_only_with_the_same_settings(tmp_path: Path) -> None:

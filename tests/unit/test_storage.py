@@ -9,9 +9,9 @@ import boto3
 import pytest
 
 from config.schema import StorageConfig
-from tasks import storage
 from tasks.errors import AccessDenied, BucketNotFound, ObjectNotFound, StorageError
-from tasks.storage import S3Storage, Storage, open_storage
+from tasks.io import storage
+from tasks.io.storage import S3Storage, Storage, open_storage
 
 
 @pytest.fixture(params=["local", "s3"])

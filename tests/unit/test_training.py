@@ -30,20 +30,19 @@ from torchvision.models import resnet18
 
 from config.load import validate_config
 from config.schema import PipelineConfig
+from flows.steps import train_fusion_task
 from models import FusionOutput, build_model
+from tasks.data.shards import DeepfakeDataset, write_shard
 from tasks.errors import CheckpointError, ConfigError, DataError
-from tasks.layout import FAKE, REAL, Layout
-from tasks.memory import MemoryGuard
+from tasks.evaluate.inference import predict
+from tasks.io.layout import FAKE, REAL, Layout
+from tasks.io.storage import Storage, open_storage
 from tasks.refs import FeatureRef, TrainedRef
-from tasks.shards import DeepfakeDataset, write_shard
-from tasks.steps import train_fusion_task
-from tasks.storage import Storage, open_storage
-from tasks.training import (
+from tasks.train.fit import (
     TrainState,
     fit,
     list_checkpoints,
     load_model,
-    predict,
     read_image_weights,
     resume,
     save_checkpoint,
@@ -52,6 +51,7 @@ from tasks.training import (
     train_one_epoch,
     update_losses,
 )
+from tasks.train.memory import MemoryGuard
 from tests.unit.memory_readings import readings
 
 M, T, S = 16, 16, 32  # log-mel bands, frames, image side
@@ -307,7 +307,7 @@ import psutil
 import torch
 from config.load import validate_config
 from tasks.refs import FeatureRef
-from tasks.training import fit
+from tasks.train.fit import fit
 
 logging.basicConfig(level=logging.INFO)
 torch.set_num_threads(1)  # as in the test process, so both runs compute alike
@@ -324,7 +324,7 @@ print(fit(cfg, features, sys.argv[3], sys.argv[4], read_memory=slow_reading).mod
 
 def run_training(cfg: PipelineConfig, features: FeatureRef, run: str) -> subprocess.Popen[str]:
     args = [cfg.model_dump_json(), features.model_dump_json(), "mid", run]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = dict(os.environ)  # the venv's python imports the installed project
     return subprocess.Popen(
         [sys.executable, "-c", RESUME_SCRIPT, *args], cwd=REPO, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -515,7 +515,7 @@ def test_train_fusion_flow_trains_then_a_rerun_of_the_run_resumes(
     """The whole recipe through Prefect on a generated benchmark of 32 pairs: set-up, manifest,
     features, training; then the same run id with one more epoch continues, not restarts."""
     from flows.train_fusion import parser, train_fusion
-    from tasks.make_dataset import generate
+    from tasks.data.synthetic import generate
 
     bucket = tmp_path / "bucket"
     bucket.mkdir()
@@ -542,12 +542,12 @@ def test_train_fusion_flow_trains_then_a_rerun_of_the_run_resumes(
 
 @pytest.mark.slow  # 600 generated pairs, preprocessing and 3 x 4 epochs: a few minutes on a CPU
 def test_each_fusion_beats_chance_on_the_generated_benchmark(tmp_path: Path) -> None:
-    """The generated benchmark (tasks.make_dataset, 600 pairs, seed 11) at 32x32 log-mels and
+    """The generated benchmark (tasks.data.synthetic, 600 pairs, seed 11) at 32x32 log-mels and
     images: train ~360 / val ~150 pairs; after 4 epochs each fusion's best validation accuracy
     is at least 0.6 (chance 0.5; two standard errors above it at this size)."""
-    from tasks import manifest as manifests
-    from tasks import preprocess
-    from tasks.make_dataset import generate
+    from tasks.data import features as preprocess
+    from tasks.data import manifest as manifests
+    from tasks.data.synthetic import generate
 
     cfg = make_cfg(
         str(tmp_path / "bucket"),
@@ -566,7 +566,7 @@ def test_each_fusion_beats_chance_on_the_generated_benchmark(tmp_path: Path) -> 
 
 
 def test_rebuild_losses_restores_rows_lost_to_concurrent_writers(tmp_path: Path) -> None:
-    from tasks.training import rebuild_losses
+    from tasks.train.fit import rebuild_losses
 
     store = open_storage(make_cfg(str(tmp_path)).storage)
     layout = Layout()

@@ -21,9 +21,9 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 
-from tasks.evaluation import HEADLINE, METRIC_NAMES
+from tasks.evaluate.metrics import HEADLINE, METRIC_NAMES
+from tasks.io.storage import Storage
 from tasks.refs import EvaluationRef, TrainedRef
-from tasks.storage import Storage
 
 SUMMARY_KEY = "evaluation-summary"
 TABLE_KEY = "evaluation-metrics"

@@ -27,13 +27,15 @@ from pydantic import BaseModel, ConfigDict
 
 from config.load import validate_config
 from config.schema import PipelineConfig
-from tasks import evaluation, plots, training
-from tasks.errors import ConfigError, DataError, ObjectNotFound
-from tasks.layout import FAKE, REAL, Layout
+from tasks.data.shards import DeepfakeDataset
+from tasks.errors import DataError, ObjectNotFound
+from tasks.evaluate import inference, plots
+from tasks.evaluate import metrics as evaluation
+from tasks.evaluate.report import render_report
+from tasks.io import records
+from tasks.io.layout import FAKE, REAL, Layout
+from tasks.io.storage import Storage
 from tasks.refs import EvaluationRef, FeatureRef, ManifestRef, TrainedRef
-from tasks.report import render_report
-from tasks.shards import DeepfakeDataset
-from tasks.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -144,32 +146,22 @@ def latest_run(store: Storage, layout: Layout) -> str:
 # --- inference ---------------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    """The `evaluation.device` setting as a torch device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("evaluation.device: 'cuda' but no CUDA device is available")
-    return torch.device(name)
-
-
 def predict_fusion(
     cfg: PipelineConfig,
     store: Storage,
     trained: TrainedRef,
     features: FeatureRef,
     device: torch.device,
-) -> training.Predictions:
+) -> inference.Predictions:
     """Load one model from the bucket (weights only, never pickled code); score the test split."""
     if not features.shards.get("test"):
         raise DataError(f"{features.prefix}: the test split has no feature shards to evaluate on")
-    where = store.uri(trained.model_key)
-    model, _meta = training.load_model(store.read_bytes(trained.model_key), where)
+    model, _meta = inference.load_fusion_model(store, trained.model_key)
     expected = sum(features.counts.get("test", {}).values())
     dataset = DeepfakeDataset(
         cfg.storage, features.shards.get("test", []), shuffle=False, n_samples=expected
     )
-    predictions = training.predict(model, dataset, device)
+    predictions = inference.predict(model, dataset, device)
     if len(predictions.score) != expected:
         log.warning(
             "%s: scored %d test pairs, the feature set lists %d",
@@ -201,7 +193,7 @@ def metrics_document(
     cfg: PipelineConfig,
     features: FeatureRef,
     trained: Sequence[TrainedRef],
-    predictions: Mapping[str, training.Predictions],
+    predictions: Mapping[str, inference.Predictions],
 ) -> dict[str, Any]:
     """The content of metrics.json: only inputs and results, no clock, so reruns match exactly."""
     ev = cfg.evaluation
@@ -265,23 +257,6 @@ def compare_with_stored(store: Storage, key: str, doc: Mapping[str, Any]) -> boo
 # --- inputs of the plots -------------------------------------------------------------------------
 
 
-def read_jsonl(store: Storage, key: str) -> list[dict[str, Any]]:
-    """Records of a JSON-lines log; a line that is not a JSON object is an error naming it."""
-    records = []
-    text = store.read_bytes(key).decode("utf-8")
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{store.uri(key)}, line {number}: not JSON ({exc.msg})") from exc
-        if not isinstance(record, dict):
-            raise DataError(f"{store.uri(key)}, line {number}: not a JSON object")
-        records.append(record)
-    return records
-
-
 def read_vectors(store: Storage, key: str) -> dict[str, np.ndarray]:
     """A fusion's emotion vectors (.npz, loaded without pickle)."""
     try:
@@ -310,7 +285,7 @@ def plot_inputs(
     layout: Layout,
     run: str,
     doc: Mapping[str, Any],
-    predictions: Mapping[str, training.Predictions],
+    predictions: Mapping[str, inference.Predictions],
 ) -> plots.PlotInputs:
     """Gather what the plots draw: test-split results, and the run's logs and vectors."""
     fusions = list(doc["fusions"])
@@ -318,8 +293,8 @@ def plot_inputs(
     labels = {f: np.asarray(predictions[f].label).astype(np.int64) for f in fusions}
     scores = {f: np.asarray(predictions[f].score, dtype=np.float64) for f in fusions}
     return plots.PlotInputs(
-        history={f: read_jsonl(store, layout.epoch_log(f, run)) for f in fusions},
-        steps={f: read_jsonl(store, layout.step_log(f, run)) for f in fusions},
+        history={f: records.read_jsonl(store, layout.epoch_log(f, run)) for f in fusions},
+        steps={f: records.read_jsonl(store, layout.step_log(f, run)) for f in fusions},
         curves={f: evaluation.curves(labels[f], scores[f], ev.calibration_bins) for f in fusions},
         metrics={f: doc["fusions"][f]["metrics"] for f in fusions},
         confusion={f: doc["fusions"][f]["confusion"] for f in fusions},
@@ -357,7 +332,7 @@ def evaluate_run(
         raise DataError(f"run {run}: no trained models to evaluate")
     layout = Layout.from_config(cfg.storage)
     save_refs(store, layout, run, cfg, features, trained, manifest)
-    device = resolve_device(cfg.evaluation.device)
+    device = inference.pick_device(cfg.evaluation.device)
     predictions = {t.fusion: predict_fusion(cfg, store, t, features, device) for t in trained}
     return publish_evaluation(cfg, store, run, features, trained, manifest, predictions)
 
@@ -369,7 +344,7 @@ def publish_evaluation(
     features: FeatureRef,
     trained: Sequence[TrainedRef],
     manifest: ManifestRef | None,
-    predictions: Mapping[str, training.Predictions],
+    predictions: Mapping[str, inference.Predictions],
 ) -> EvaluationRef:
     """Metrics, plots and report from test-split predictions (one entry per trained fusion)."""
     layout = Layout.from_config(cfg.storage)

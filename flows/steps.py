@@ -12,12 +12,19 @@ from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
 from config.schema import PipelineConfig
-from tasks import artifacts, champion, make_dataset, preprocess, publish, runs, storage, training
-from tasks import evaluation as evaluation_metrics
-from tasks import manifest as manifests
+from flows import artifacts
+from tasks.data import features as preprocess
+from tasks.data import manifest as manifests
+from tasks.data import synthetic as make_dataset
 from tasks.errors import is_transient_error
-from tasks.layout import Layout
+from tasks.evaluate import inference, publish
+from tasks.evaluate import metrics as evaluation_metrics
+from tasks.io import storage
+from tasks.io.layout import Layout
 from tasks.refs import EvaluationRef, FeatureRef, FoldersRef, ManifestRef, TrainedRef
+from tasks.runs import champions as champion
+from tasks.runs import ids as runs
+from tasks.train import fit as training
 
 
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -239,7 +246,7 @@ def promote_champions(
                 fusion=ref.fusion, run=current.run, model_key=current.model_key,
                 epochs=0, best_epoch=0, best_val_loss=float("nan"),
             )  # fmt: skip
-            device = publish.resolve_device(cfg.evaluation.device)
+            device = inference.pick_device(cfg.evaluation.device)
             preds = publish.predict_fusion(cfg, store, old, features, device)
             rescored = evaluation_metrics.calculate_metrics(preds.label, preds.score)["roc_auc"]
             logger.info(

@@ -61,7 +61,7 @@ class Layout:
         return f"{self.outputs}manifests/{run}/"
 
     def last_run(self) -> str:
-        """Data hash and config fingerprint of the newest completed run (tasks/champion.py)."""
+        """Data hash and config fingerprint of the newest completed run (tasks/runs/)."""
         return f"{self.outputs}manifests/last-run.json"
 
     def features(self, content_hash: str) -> str:

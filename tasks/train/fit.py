@@ -39,9 +39,13 @@ from torch import Tensor, nn
 from config.schema import PipelineConfig
 from models import FUSIONS, FusionOutput, build_model, consistency_loss
 from models.image import load_resnet_weights, resnet_trunk
+from tasks.data.shards import DeepfakeDataset, batches
 from tasks.errors import CheckpointError, ConfigError, DataError, ObjectNotFound
-from tasks.layout import Layout
-from tasks.memory import (
+from tasks.evaluate.inference import Predictions, collect, infer, pick_device
+from tasks.io.layout import Layout
+from tasks.io.storage import Storage, open_storage
+from tasks.refs import FeatureRef, TrainedRef
+from tasks.train.memory import (
     MemoryGuard,
     MemoryReader,
     estimate_batch_size,
@@ -49,9 +53,6 @@ from tasks.memory import (
     monitor_memory,
     total_memory_bytes,
 )
-from tasks.refs import FeatureRef, TrainedRef
-from tasks.shards import DeepfakeDataset, batches
-from tasks.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +98,6 @@ class EpochResult:
 
 
 @dataclass
-class Predictions:
-    """Per-sample outputs of a model over a dataset (numpy, in dataset order)."""
-
-    score: np.ndarray  # (N,) float32, probability of fake
-    label: np.ndarray  # (N,) int64, 1 = fake
-    audio_emb: np.ndarray  # (N, D) float32
-    image_emb: np.ndarray  # (N, D) float32
-    family: np.ndarray  # (N,) str
-    pair_id: np.ndarray  # (N,) str
-
-
-@dataclass
 class TrainState:
     """Progress that a checkpoint carries from one attempt to the next."""
 
@@ -146,7 +135,7 @@ def fit(
         )
     store = open_storage(cfg.storage)
     layout = Layout.from_config(cfg.storage)
-    device = pick_device(tcfg.device)
+    device = pick_device(tcfg.device, "training.device")
     amp = device.type == "cuda" and tcfg.mixed_precision
     train_data, val_data = make_datasets(cfg, features)
 
@@ -218,16 +207,6 @@ def fit(
         best_val_loss=state.best_val_loss,
         resumed_from=state.resumed_from,
     )
-
-
-def pick_device(name: str) -> torch.device:
-    """The device `training.device` names: auto = CUDA when present, else the CPU; cuda without
-    a GPU is a config error."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("training.device: cuda requested but no CUDA device is available")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
 
 
 def seed_everything(seed: int) -> None:
@@ -456,52 +435,6 @@ def log_step(row: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
 # evaluation and prediction
 
 
-def _infer(
-    model: nn.Module,
-    dataset: Iterable[dict[str, Any]],
-    device: torch.device,
-    batch_size: int,
-    amp: bool,
-) -> Iterator[tuple[dict[str, Any], FusionOutput]]:
-    """(batch, outputs) over `dataset` in eval mode, without gradients."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in batches(iter(dataset), batch_size):
-                audio = batch["audio"].to(device, non_blocking=True)  # (B, 1, M, T)
-                image = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                    out = model(audio, image)
-                yield batch, FusionOutput(*(t.float() for t in out))
-    finally:
-        model.train(was_training)
-
-
-def _collect(parts: list[tuple[dict[str, Any], FusionOutput]]) -> Predictions:
-    if not parts:
-        raise DataError("no samples to predict on")
-    return Predictions(
-        score=torch.cat([o.score for _, o in parts]).cpu().numpy(),
-        label=torch.cat([b["label"] for b, _ in parts]).numpy().astype(np.int64),
-        audio_emb=torch.cat([o.audio_emb for _, o in parts]).cpu().numpy(),
-        image_emb=torch.cat([o.image_emb for _, o in parts]).cpu().numpy(),
-        family=np.asarray([f for b, _ in parts for f in b["family"]], dtype=str),
-        pair_id=np.asarray([p for b, _ in parts for p in b["pair_id"]], dtype=str),
-    )
-
-
-def predict(
-    model: nn.Module,
-    dataset: Iterable[dict[str, Any]],
-    device: torch.device | str = "cpu",
-    batch_size: int = 32,
-) -> Predictions:
-    """Scores and embeddings of every sample of `dataset`, in order."""
-    device = torch.device(device)
-    return _collect(list(_infer(model.to(device), dataset, device, batch_size, amp=False)))
-
-
 def evaluate(
     model: nn.Module,
     dataset: Iterable[dict[str, Any]],
@@ -516,14 +449,14 @@ def evaluate(
     started = time.perf_counter()
     parts = []
     totals = np.zeros(4)  # bce x n, consistency x n, loss x n, correct
-    for batch, out in _infer(model, dataset, device, batch_size, amp):
+    for batch, out in infer(model, dataset, device, batch_size, amp):
         label = batch["label"].to(device)
         n = len(label)
         bce, cons, loss = compute_loss(out, label, tcfg)
         correct = float(((out.logit >= 0).float() == label).sum())
         totals += (float(bce) * n, float(cons) * n, float(loss) * n, correct)
         parts.append((batch, out))
-    preds = _collect(parts)
+    preds = collect(parts)
     n = len(preds.label)
     if expected is not None and n != expected:
         log.warning("evaluated %d samples but the split should hold %d", n, expected)

@@ -33,7 +33,7 @@ An emotion-mismatch pair stores two real files (under real/) but is labelled fak
 Pair i is drawn from its own generator seeded with (seed, i): the output is deterministic and
 the same whatever the thread count.
 
-    python -m tasks.make_dataset --config config/demo.yaml --n 600
+    python -m tasks.data.synthetic --config config/demo.yaml --n 600
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage, signal
 
 from tasks.errors import ConfigError
-from tasks.layout import FAKE, LABEL_NAMES, REAL, Layout
-from tasks.storage import Storage, open_storage
+from tasks.io.layout import FAKE, LABEL_NAMES, REAL, Layout
+from tasks.io.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -575,5 +575,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(run, parser, argv)
 
 
+def cli() -> int:
+    """The `deepfake-make-dataset` console script: parse sys.argv, run, return the exit code."""
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -6,7 +6,7 @@ Before each training batch the guard reads system memory (psutil):
 - the next batch's own footprint (a measured per-sample size) must fit under `memory.cap` (80%):
   the batch is halved until it does; at the minimum batch the trainer waits up to
   `memory.cap_wait_s` for memory to be freed, then fails with `MemoryCapReached`;
-- a CUDA out-of-memory error halves the batch and the step is retried (see `tasks.training`).
+- a CUDA out-of-memory error halves the batch and the step is retried (see `tasks.train.fit`).
 Every change is logged with the reading that caused it.
 
 Readings are percentages of system memory in use (0-100), as psutil and the step log report them;

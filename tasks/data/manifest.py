@@ -33,9 +33,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.errors import DataError
-from tasks.layout import FAKE, LABEL_NAMES, REAL, SPLITS, Layout
+from tasks.io.layout import FAKE, LABEL_NAMES, REAL, SPLITS, Layout
+from tasks.io.storage import ObjectInfo, Storage
 from tasks.refs import ManifestRef
-from tasks.storage import ObjectInfo, Storage
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tasks.errors import CheckpointError, ObjectNotFound
-from tasks.layout import Layout
-from tasks.storage import Storage
+from tasks.io.layout import Layout
+from tasks.io.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tasks.evaluation import METRIC_NAMES
+from tasks.evaluate.metrics import METRIC_NAMES
 from tasks.refs import FeatureRef, ManifestRef, TrainedRef
 
 MAX_SKIPPED_ROWS = 500  # skipped files listed in the page; the rest are counted

@@ -6,7 +6,7 @@
     preprocess_image   JPEG/PNG bytes, any mode and size -> RGB uint8 (3, S, S), S = data.image_size
     build_features     every pair of a manifest, fetched with at most data.fetch_concurrency objects
                        in flight, decoded in memory (raw objects never touch the local disk),
-                       written as shards (tasks/shards.py) under outputs/cache/features/<hash>/
+                       written as shards (tasks/data/shards.py) under outputs/cache/features/<hash>/
 
 The cache key is a hash of every pair's keys, ETags, label and split plus the preprocessing
 settings, so a second run on unchanged data finds `index.json` under that prefix and reads no raw
@@ -38,12 +38,12 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageOps
 
+from tasks.data.manifest import PairRow, check_splits, count_labels, read_manifest
+from tasks.data.shards import DeepfakeDataset, batches, write_shard
 from tasks.errors import CorruptSample, DataError, ObjectNotFound
-from tasks.layout import SPLITS, Layout
-from tasks.manifest import PairRow, check_splits, count_labels, read_manifest
+from tasks.io.layout import SPLITS, Layout
+from tasks.io.storage import Storage
 from tasks.refs import FeatureRef, ManifestRef
-from tasks.shards import DeepfakeDataset, batches, write_shard
-from tasks.storage import Storage
 
 __all__ = [
     "DeepfakeDataset",

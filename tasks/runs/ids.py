@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tasks.errors import ObjectNotFound
-from tasks.layout import Layout, new_run_id
-from tasks.storage import Storage
+from tasks.io.layout import Layout, new_run_id
+from tasks.io.storage import Storage
 
 log = logging.getLogger(__name__)
 

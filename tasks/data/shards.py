@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from tasks.errors import DataError
-from tasks.storage import Storage, open_storage
+from tasks.io.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 

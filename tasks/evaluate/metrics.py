@@ -33,7 +33,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from tasks.layout import FAKE, REAL
+from tasks.io.layout import FAKE, REAL
 
 MAX_FPR = 0.01  # the operating point of "TPR at 1% FPR"
 UNKNOWN_FAMILIES = ("", "real")  # family names that do not name a kind of fake

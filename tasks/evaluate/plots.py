@@ -29,7 +29,7 @@ from matplotlib.ticker import MaxNLocator
 from scipy.special import ndtri
 
 if TYPE_CHECKING:
-    from tasks.evaluation import Curves
+    from tasks.evaluate.metrics import Curves
 
 FUSION_COLOURS = {"early": "#1f77b4", "mid": "#ff7f0e", "late": "#2ca02c"}
 _SPARE_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
