@@ -21,6 +21,7 @@ from models.fusion import (
     MidFusionModel,
 )
 from models.image import ImageModel
+from models.rng import Dropout, seeded_init, use_generator
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ __all__ = [
     "FUSIONS",
     "LATE_RULES",
     "AudioModel",
+    "Dropout",
     "EarlyFusionModel",
     "FusionOutput",
     "ImageModel",
@@ -38,6 +40,8 @@ __all__ = [
     "build_model",
     "consistency_loss",
     "emotional_consistency",
+    "seeded_init",
+    "use_generator",
 ]
 
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from models.audio import AudioModel, conv_block
 from models.image import ImageModel, ImageNorm
+from models.rng import Dropout
 
 
 class FusionOutput(NamedTuple):
@@ -73,7 +74,7 @@ class EarlyFusionModel(nn.Module):
             nn.Flatten(),
         )
         features = JOINT_CHANNELS[-1]
-        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(features, 1))
+        self.classifier = nn.Sequential(Dropout(0.2), nn.Linear(features, 1))
         self.audio_head = nn.Linear(features, embedding_dim)
         self.image_head = nn.Linear(features, embedding_dim)
 
@@ -103,7 +104,7 @@ class MidFusionModel(nn.Module):
         self.head = nn.Sequential(
             nn.Linear(2 * embedding_dim, embedding_dim),
             nn.ReLU(inplace=True),
-            nn.Dropout(0.2),
+            Dropout(0.2),
             nn.Linear(embedding_dim, 1),
         )
 
@@ -134,8 +135,8 @@ class LateFusionModel(nn.Module):
         self.rule = rule
         self.audio = AudioModel(embedding_dim)
         self.image = ImageModel(embedding_dim, pretrained)
-        self.audio_head = nn.Sequential(nn.ReLU(), nn.Dropout(0.2), nn.Linear(embedding_dim, 1))
-        self.image_head = nn.Sequential(nn.ReLU(), nn.Dropout(0.2), nn.Linear(embedding_dim, 1))
+        self.audio_head = nn.Sequential(nn.ReLU(), Dropout(0.2), nn.Linear(embedding_dim, 1))
+        self.image_head = nn.Sequential(nn.ReLU(), Dropout(0.2), nn.Linear(embedding_dim, 1))
         self.combine = nn.Linear(2, 1)  # used by the "learned" rule only
         with torch.no_grad():  # start as the mean of the two logits
             self.combine.weight.fill_(0.5)
