@@ -5,9 +5,13 @@ pool can take one (`training.fan_out: true`).
 
 One flow run per fusion is created on the `train-fusion/fan-out` deployment (prefect.yaml) with
 the parent's config path, overrides and run id, linked to the parent as a subflow; then the parent
-waits for all of them. Results are not passed through Prefect (a result store both workers can
-read would be one more thing to run): each child writes its model and epoch log to the bucket,
-and the parent reads its `TrainedRef` back from there.
+waits for all of them and takes each child's result: the `TrainedRef` its `fit` returned, which
+`fit` also wrote to `outputs/models/<fusion>/<run>/trained.json` (`Layout.trained`).
+
+Why the result travels through the bucket and not as a Prefect result: a child's return value
+would have to be persisted in a result store that the worker running the parent can read, and the
+children run on other machines, so that is one more shared service to run and secure. The bucket
+is already shared by every worker, and the record sits next to the model it points to.
 
 A worker running the parent holds one of its slots while it waits: give the pool at least two
 workers (or a worker without `--limit 1`), else the children never start.
@@ -15,7 +19,6 @@ workers (or a worker without `--limit 1`), else the children never start.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -24,9 +27,11 @@ from typing import Any
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
+from pydantic import ValidationError
 
 from config.schema import PipelineConfig
-from tasks.errors import CheckpointError, DetectorError, ObjectNotFound
+from tasks.errors import CheckpointError, DataError, DetectorError, ObjectNotFound
+from tasks.io import records
 from tasks.io.layout import Layout
 from tasks.io.storage import Storage, open_storage
 from tasks.refs import TrainedRef
@@ -51,7 +56,7 @@ def train_on_workers(
     poll_s: float = 5.0,
 ) -> list[TrainedRef]:
     """Run every `cfg.training.fusions` as a `deployment` flow run, wait for all of them, and
-    return their `TrainedRef`s (in the configured order) as read from the bucket."""
+    return their `TrainedRef`s (in the configured order) as each child recorded it in the bucket."""
     started: dict[str, Any] = {}
     for fusion in cfg.training.fusions:
         flow_run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync call: a FlowRun
@@ -106,32 +111,26 @@ def wait_for_runs(
 
 
 def trained_ref_from_bucket(store: Storage, layout: Layout, fusion: str, run: str) -> TrainedRef:
-    """The `TrainedRef` a `train-fusion` run left behind: its model file must exist; epochs and
-    the best epoch come from its epoch log (one JSON line per finished epoch)."""
-    model_key, log_key = layout.model(fusion, run), layout.epoch_log(fusion, run)
+    """The `TrainedRef` a `train-fusion` run of `fusion` and `run` left at `layout.trained`; its
+    model file must exist. A missing or invalid record is a `CheckpointError` naming its key."""
+    key = layout.trained(fusion, run)
+    where = store.uri(key)
     try:
-        lines = store.read_bytes(log_key).decode("utf-8").splitlines()
+        doc = records.read_json(store, key)
     except ObjectNotFound as exc:
-        raise CheckpointError(
-            f"{store.uri(log_key)}: {fusion} run {run} left no epoch log"
-        ) from exc
-    if not any(line.strip() for line in lines):
-        raise CheckpointError(f"{store.uri(log_key)}: {fusion} run {run} logged no epoch")
+        raise CheckpointError(f"{where}: {fusion} run {run} left no trained record") from exc
+    except DataError as exc:
+        raise CheckpointError(f"{where}: unreadable trained record ({exc})") from exc
     try:
-        rows = [json.loads(line) for line in lines if line.strip()]
-        epochs = max(int(r["epoch"]) for r in rows)
-        best = min(rows, key=lambda r: (float(r["val_loss"]), int(r["epoch"])))
-    except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
-        raise CheckpointError(f"{store.uri(log_key)}: unreadable epoch log ({exc})") from exc
-    if not store.exists(model_key):
+        ref = TrainedRef.model_validate(doc)
+    except ValidationError as exc:
+        raise CheckpointError(f"{where}: not a valid TrainedRef ({exc})") from exc
+    if (ref.fusion, ref.run) != (fusion, run):
         raise CheckpointError(
-            f"{store.uri(model_key)}: {fusion} run {run} completed without a model"
+            f"{where}: records {ref.fusion} run {ref.run}, expected {fusion} run {run}"
         )
-    return TrainedRef(
-        fusion=fusion,
-        run=run,
-        model_key=model_key,
-        epochs=epochs,
-        best_epoch=int(best["epoch"]),
-        best_val_loss=float(best["val_loss"]),
-    )
+    if not store.exists(ref.model_key):
+        raise CheckpointError(
+            f"{store.uri(ref.model_key)}: {fusion} run {run} completed without a model"
+        )
+    return ref

@@ -6,7 +6,7 @@ Before each training batch the guard reads system memory (psutil):
 - the next batch's own footprint (a measured per-sample size) must fit under `memory.cap` (80%):
   the batch is halved until it does; at the minimum batch the trainer waits up to
   `memory.cap_wait_s` for memory to be freed, then fails with `MemoryCapReached`;
-- a CUDA out-of-memory error halves the batch and the step is retried (see `tasks.train.fit`).
+- a CUDA out-of-memory error halves the batch and the step is retried (see `tasks.train.loop`).
 Every change is logged with the reading that caused it.
 
 Readings are percentages of system memory in use (0-100), as psutil and the step log report them;
@@ -25,6 +25,7 @@ import psutil
 import torch
 from torch import Tensor, nn
 
+from config.schema import DataConfig, MemoryConfig, PipelineConfig
 from tasks.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def total_memory_bytes() -> int:
     return int(psutil.virtual_memory().total)
 
 
-def adjust_batch_size(batch_size: int, memory_percent: float, cfg: Any) -> int:
+def adjust_batch_size(batch_size: int, memory_percent: float, cfg: MemoryConfig) -> int:
     """Halve `batch_size` when `memory_percent` passes `cfg.shrink_threshold` (a `MemoryConfig`);
     never below `cfg.min_batch_size`; otherwise unchanged."""
     if memory_percent > 100 * cfg.shrink_threshold:
@@ -63,7 +64,7 @@ def _tensor_bytes(value: Any) -> int:
     return 0
 
 
-def estimate_sample_bytes(model: nn.Module, data_cfg: Any) -> int:
+def estimate_sample_bytes(model: nn.Module, data_cfg: DataConfig) -> int:
     """Measured training footprint of one sample: run a 2-sample batch of the configured input
     size (`data.n_mels`, `data.spec_frames`, `data.image_size`) through `model` and add up every
     layer's output, times `TRAIN_FACTOR`. Runs in eval mode without gradients: no side effects."""
@@ -98,7 +99,7 @@ def model_state_bytes(model: nn.Module) -> int:
 
 
 def estimate_batch_size(
-    configured: int, sample_bytes: int, memory_percent: float, total_bytes: int, cfg: Any
+    configured: int, sample_bytes: int, memory_percent: float, total_bytes: int, cfg: MemoryConfig
 ) -> int:
     """The initial batch size: the configured one, or fewer samples when the free memory below
     the shrink threshold (`cfg` a `MemoryConfig`) cannot hold that many measured samples."""
@@ -118,7 +119,7 @@ class MemoryGuard:
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: MemoryConfig,
         batch_size: int,
         *,
         sample_bytes: int = 0,
@@ -217,7 +218,7 @@ class MemoryGuard:
 
 
 def plan_concurrency(
-    cfg: Any,
+    cfg: PipelineConfig,
     n_fusions: int,
     *,
     read_memory: MemoryReader = monitor_memory,
@@ -258,7 +259,7 @@ def plan_concurrency(
     return planned
 
 
-def fusion_footprint(fusion: str, cfg: Any) -> int:
+def fusion_footprint(fusion: str, cfg: PipelineConfig) -> int:
     """Bytes one training of `fusion` needs: model and Adam state plus a full batch."""
     from models import build_model
 

@@ -1,4 +1,5 @@
-"""Fan-out through the Prefect API: one deployment run per fusion, results read from the bucket.
+"""Fan-out through the Prefect API: one deployment run per fusion, each child's result (the
+`TrainedRef` its `fit` wrote as trained.json) read from the bucket.
 
 A thread stands in for the workers: it picks up the runs `train_on_workers` created on a real
 (test-harness) Prefect API, writes what `train-fusion` writes into the bucket and sets the final
@@ -7,7 +8,6 @@ state. The real workers are exercised by tests/e2e/test_stack.py.
 
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,18 +20,21 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from config.load import validate_config
 from flows.fanout import FanOutError, train_on_workers, trained_ref_from_bucket
 from tasks.errors import CheckpointError
+from tasks.io import records
 from tasks.io.layout import Layout
 from tasks.io.storage import LocalStorage, open_storage
 from tasks.refs import TrainedRef
 
 
 def write_training(store, fusion: str, run: str, val_losses: list[float]) -> None:
-    """What a train-fusion run leaves in the bucket: epoch log and best model."""
-    rows = [{"fusion": fusion, "epoch": i + 1, "val_loss": v} for i, v in enumerate(val_losses)]
-    store.write_bytes(
-        Layout().epoch_log(fusion, run), "".join(json.dumps(r) + "\n" for r in rows).encode()
-    )
-    store.write_bytes(Layout().model(fusion, run), b"weights")
+    """What a train-fusion run leaves in the bucket: best model and its `TrainedRef` record."""
+    best = min(range(len(val_losses)), key=lambda i: val_losses[i])
+    ref = TrainedRef(
+        fusion=fusion, run=run, model_key=Layout().model(fusion, run), epochs=len(val_losses),
+        best_epoch=best + 1, best_val_loss=val_losses[best],
+    )  # fmt: skip
+    store.write_bytes(ref.model_key, b"weights")
+    records.write_json(store, Layout().trained(fusion, run), ref.model_dump(mode="json"))
 
 
 def test_trained_ref_from_bucket(tmp_path):
@@ -42,15 +45,24 @@ def test_trained_ref_from_bucket(tmp_path):
     assert ref.model_key == "outputs/models/mid/r1/model.pt" and ref.fusion == "mid"
 
 
-def test_trained_ref_needs_log_and_model(tmp_path):
+def test_trained_ref_needs_record_and_model(tmp_path):
     store = LocalStorage(str(tmp_path))
-    with pytest.raises(CheckpointError, match="train-mid.jsonl: mid run r1 left no epoch log"):
+    key = Layout().trained("mid", "r1")
+    with pytest.raises(CheckpointError, match="trained.json: mid run r1 left no trained record"):
         trained_ref_from_bucket(store, Layout(), "mid", "r1")
-    store.write_bytes(Layout().epoch_log("mid", "r1"), b'{"epoch": 1, "val_loss": 0.3}\n')
+    write_training(store, "mid", "r1", [0.3])
+    store.delete(Layout().model("mid", "r1"))
     with pytest.raises(CheckpointError, match="model.pt: mid run r1 completed without a model"):
         trained_ref_from_bucket(store, Layout(), "mid", "r1")
-    store.write_bytes(Layout().epoch_log("mid", "r1"), b"not json\n")
-    with pytest.raises(CheckpointError, match="unreadable epoch log"):
+    store.write_bytes(key, b"not json\n")
+    with pytest.raises(CheckpointError, match="trained.json: unreadable trained record"):
+        trained_ref_from_bucket(store, Layout(), "mid", "r1")
+    records.write_json(store, key, {"fusion": "mid", "run": "r1"})
+    with pytest.raises(CheckpointError, match="trained.json: not a valid TrainedRef"):
+        trained_ref_from_bucket(store, Layout(), "mid", "r1")
+    write_training(store, "late", "r1", [0.3])
+    store.write_bytes(key, store.read_bytes(Layout().trained("late", "r1")))
+    with pytest.raises(CheckpointError, match="records late run r1, expected mid run r1"):
         trained_ref_from_bucket(store, Layout(), "mid", "r1")
 
 
