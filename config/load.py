@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from config.errors import ConfigError
 from config.schema import PipelineConfig
-from tasks.errors import ConfigError
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConfig:

@@ -1,14 +1,16 @@
-"""What every flow's command line shares: --config, --set, logging set-up, error exit codes."""
+"""What every flow's command line shares: --config, --set, logging set-up, error exit codes.
+
+The parser and the exit-code rule live in `config/cli.py` (the generator's CLI in `tasks/` uses
+them too, and `tasks/` must not import `flows/`); they are re-exported here for the flows.
+"""
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
-from collections.abc import Callable, Sequence
-from typing import Any
 
-from tasks.errors import DetectorError
+from config.cli import base_parser, run_cli
+
+__all__ = ["PROJECT_LOGGERS", "base_parser", "enable_project_logging", "run_cli"]
 
 PROJECT_LOGGERS = ("tasks", "models", "config", "flows")
 
@@ -17,34 +19,3 @@ def enable_project_logging(level: int = logging.INFO) -> None:
     """Set the project's loggers to INFO: Prefect may leave extra loggers at WARNING."""
     for name in PROJECT_LOGGERS:
         logging.getLogger(name).setLevel(level)
-
-
-def base_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument(
-        "--config", default="config/config.yaml", help="YAML config file (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one setting, e.g. --set training.epochs=3 (repeatable)",
-    )
-    return parser
-
-
-def run_cli(
-    main: Callable[[argparse.Namespace], Any],
-    parser: argparse.ArgumentParser,
-    argv: Sequence[str] | None = None,
-) -> int:
-    """Parse, run, and turn our own errors into one clear line and exit code 2."""
-    args = parser.parse_args(argv)
-    try:
-        main(args)
-    except DetectorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0

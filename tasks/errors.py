@@ -12,18 +12,30 @@
     ├── DataError                no usable data left (e.g. an empty class in a split)
     └── CheckpointError          a model or checkpoint file is missing, foreign or unsafe
 
+`DetectorError` and `ConfigError` are defined in `config/errors.py` (the config loader raises
+them and `config/` imports nothing from `tasks/`) and re-exported here with the rest of the tree.
 Messages lead with the subject (a URI, a key, a setting), then the problem, then a hint.
 """
 
 from __future__ import annotations
 
+from config.errors import ConfigError, DetectorError  # defined in config/ (it imports no tasks/)
 
-class DetectorError(Exception):
-    """Base of every error this project raises on purpose."""
-
-
-class ConfigError(DetectorError):
-    """A configuration file or override is invalid; nothing has been done yet."""
+__all__ = [
+    "AccessDenied",
+    "BucketNotFound",
+    "CheckpointError",
+    "ConfigError",
+    "CorruptSample",
+    "DataError",
+    "DetectorError",
+    "ObjectNotFound",
+    "StorageError",
+    "StorageUnavailable",
+    "Throttled",
+    "TRANSIENT_ERRORS",
+    "is_transient_error",
+]
 
 
 class StorageError(DetectorError):
