@@ -2,8 +2,9 @@
 
 `python -m flows.evaluate_models --config config/demo.yaml [--run RUN]` (or `python -m
 flows.evaluate`): loads the run's models (weights only), streams its test shards, and rewrites its
-metrics.json, plots and report; with the same models and shards the metrics come out identical,
-and the flow logs whether they did. Without --run: the newest run that has models and
+metrics.json and plots, then renders its report again (with the run's stored champion decisions,
+when it has them); with the same models and shards the metrics come out identical, and the flow
+logs whether they did. Without --run: the newest run that has models and
 was evaluated once (its refs.json names its test shards and models).
 """
 
@@ -16,8 +17,8 @@ from prefect import flow, get_run_logger
 
 from config import load_config
 from flows.common import base_parser, enable_project_logging, run_cli
+from flows.steps import evaluate, load_champion_decisions, load_run_refs, publish_report
 from tasks.refs import EvaluationRef
-from tasks.steps import evaluate_and_publish, load_run_refs
 
 
 @flow(name="evaluate-models", log_prints=False)
@@ -31,7 +32,10 @@ def evaluate_models(
     cfg = load_config(config_path, overrides or [])
     refs = load_run_refs(cfg, run)
     get_run_logger().info("evaluating run %s on %s", refs.run, cfg.storage.uri)
-    return evaluate_and_publish(refs.config, refs.features, refs.trained, refs.run, refs.manifest)
+    evaluation = evaluate(refs.config, refs.features, refs.trained, refs.run, refs.manifest)
+    decisions = load_champion_decisions(refs.config, refs.run)
+    publish_report(refs.config, refs.features, refs.trained, evaluation, refs.manifest, decisions)
+    return evaluation
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,5 +53,10 @@ def main(args: argparse.Namespace) -> EvaluationRef:
     return evaluate_models(config_path=args.config, overrides=args.overrides, run=args.run)
 
 
+def cli() -> int:
+    """The `deepfake-evaluate` console script: parse sys.argv, run, return the exit code."""
+    return run_cli(main, parser())
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, parser()))
+    sys.exit(cli())

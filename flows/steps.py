@@ -17,13 +17,11 @@ from tasks.data import features as preprocess
 from tasks.data import manifest as manifests
 from tasks.data import synthetic as make_dataset
 from tasks.errors import is_transient_error
-from tasks.evaluate import inference, publish
-from tasks.evaluate import metrics as evaluation_metrics
+from tasks.evaluate import publish
 from tasks.io import storage
 from tasks.io.layout import Layout
 from tasks.refs import EvaluationRef, FeatureRef, FoldersRef, ManifestRef, TrainedRef
-from tasks.runs import champions as champion
-from tasks.runs import ids as runs
+from tasks.runs import champions, history, ids
 from tasks.train import fit as training
 
 
@@ -65,7 +63,8 @@ def set_up_folders(cfg: PipelineConfig) -> FoldersRef:
 def build_manifest(cfg: PipelineConfig, run: str) -> ManifestRef:
     """List dataset/, pair audio with images, assign splits, store the manifest."""
     store = storage.open_storage(cfg.storage)
-    ref = manifests.build_manifest(store, cfg, run)
+    layout = Layout.from_config(cfg.storage)
+    ref = manifests.build_manifest(store, layout, cfg.data, cfg.run.seed, run)
     logger = get_run_logger()
     logger.info("manifest %s: %d pairs, data hash %s", ref.uri, ref.n_pairs, ref.data_hash[:12])
     for split, counts in ref.counts.items():
@@ -81,7 +80,8 @@ def build_manifest(cfg: PipelineConfig, run: str) -> ManifestRef:
 def build_features(cfg: PipelineConfig, manifest: ManifestRef) -> FeatureRef:
     """Preprocess every pair into feature shards, or reuse the cached shards of the same content."""
     store = storage.open_storage(cfg.storage)
-    ref = preprocess.build_features(store, cfg, manifest)
+    layout = Layout.from_config(cfg.storage)
+    ref = preprocess.build_features(store, layout, cfg.data, manifest)
     logger = get_run_logger()
     n_usable = sum(sum(c.values()) for c in ref.counts.values())
     logger.info(
@@ -117,18 +117,18 @@ def load_run_refs(cfg: PipelineConfig, run: str | None) -> publish.RunRefs:
     return refs
 
 
-@task(name="evaluate-and-publish", **IO_RETRIES)
-def evaluate_and_publish(
+@task(name="evaluate", **IO_RETRIES)
+def evaluate(
     cfg: PipelineConfig,
     features: FeatureRef,
     trained: list[TrainedRef],
     run: str,
     manifest: ManifestRef | None,
 ) -> EvaluationRef:
-    """Score every model on the test split; write metrics, 19 plots, report; create artifacts."""
+    """Score every model on the test split; write refs.json, metrics.json and the 19 plots."""
     store = storage.open_storage(cfg.storage)
-    ref = publish.evaluate_run(cfg, store, run, features, trained, manifest)
-    keys = artifacts.publish_artifacts(store, ref, trained)
+    layout = Layout.from_config(cfg.storage)
+    ref = publish.evaluate_run(cfg, store, layout, run, features, trained, manifest)
     logger = get_run_logger()
     for fusion, m in ref.metrics.items():
         logger.info(
@@ -139,8 +139,41 @@ def evaluate_and_publish(
             m["accuracy"],
             m["f1"],
         )
-    logger.info("report %s; artifacts %s", store.uri(ref.report_key), ", ".join(keys))
+    logger.info("metrics %s, %d plots", store.uri(ref.metrics_key), len(ref.plot_keys))
     return ref
+
+
+@task(name="publish-report", **IO_RETRIES)
+def publish_report(
+    cfg: PipelineConfig,
+    features: FeatureRef,
+    trained: list[TrainedRef],
+    evaluation: EvaluationRef,
+    manifest: ManifestRef | None,
+    decisions: list[champions.ChampionDecision] | None,
+) -> str:
+    """Render report.html once (metrics, plots, champion decisions); create the artifacts."""
+    store = storage.open_storage(cfg.storage)
+    layout = Layout.from_config(cfg.storage)
+    key = publish.write_report(
+        cfg, store, layout, evaluation, features, trained, manifest, decisions
+    )
+    keys = artifacts.publish_artifacts(store, evaluation, trained)
+    get_run_logger().info("report %s; artifacts %s", store.uri(key), ", ".join(keys))
+    return key
+
+
+@task(name="load-champion-decisions", **IO_RETRIES)
+def load_champion_decisions(
+    cfg: PipelineConfig, run: str
+) -> list[champions.ChampionDecision] | None:
+    """The run's stored champion decisions (None: it made none), for its re-rendered report."""
+    store = storage.open_storage(cfg.storage)
+    decisions = champions.read_decisions(store, Layout.from_config(cfg.storage), run)
+    get_run_logger().info(
+        "run %s: %s", run, "no champion decisions" if decisions is None else "champion decisions"
+    )
+    return decisions
 
 
 # --- training --------------------------------------------------------------------------------
@@ -155,7 +188,9 @@ def train_fusion_task(
     A storage fault mid-epoch is retried here; a killed process cannot retry itself, so its next
     run with the same run id picks up the newest checkpoint in the bucket instead.
     """
-    ref = training.fit(cfg, features, fusion, run)
+    store = storage.open_storage(cfg.storage)
+    layout = Layout.from_config(cfg.storage)
+    ref = training.fit(store, layout, cfg, features, fusion, run)
     get_run_logger().info(
         "%s: %d epochs%s, best epoch %d (val loss %.4f) -> %s",
         fusion,
@@ -172,24 +207,25 @@ def train_fusion_task(
 
 
 @task(name="start-run", **IO_RETRIES)
-def start_run(cfg: PipelineConfig) -> str:
+def start_run(cfg: PipelineConfig) -> ids.RunRef:
     """Pick the run id: run.name, else an interrupted run with the same settings, else new."""
     store = storage.open_storage(cfg.storage)
-    layout = Layout.from_config(cfg.storage)
-    fingerprint = champion.config_fingerprint(cfg.model_dump(mode="json"))
-    run, resumed = runs.begin_run(store, layout, fingerprint, cfg.run.name)
-    logger = get_run_logger()
-    if resumed:
-        logger.info("run %s was interrupted; resuming it from its checkpoints", run)
+    started = ids.start_run(store, Layout.from_config(cfg.storage), cfg)
+    if started.resumed:
+        get_run_logger().info(
+            "run %s was interrupted; resuming it from its checkpoints", started.run
+        )
     else:
-        logger.info("run %s", run)
-    return run
+        get_run_logger().info("run %s", started.run)
+    return started
 
 
 @task(name="fill-demo-dataset", **IO_RETRIES)
 def fill_demo_dataset(cfg: PipelineConfig) -> int:
     """Write the synthetic benchmark into an empty dataset/ (generator.fill_empty_dataset)."""
-    written = make_dataset.ensure_demo_dataset(cfg)
+    store = storage.open_storage(cfg.storage)
+    layout = Layout.from_config(cfg.storage)
+    written = make_dataset.ensure_demo_dataset(store, layout, cfg.generator)
     if written:
         get_run_logger().info(
             "dataset/ was empty: wrote the synthetic benchmark (%d pairs)", written
@@ -199,21 +235,22 @@ def fill_demo_dataset(cfg: PipelineConfig) -> int:
 
 @task(name="collect-losses", **IO_RETRIES)
 def collect_losses(cfg: PipelineConfig, trained: list[TrainedRef], run: str) -> str:
-    """Rebuild the run's losses.csv from the fusions' epoch logs (one writer, after training)."""
+    """Write the run's losses.csv from the fusions' epoch logs (its one writer, after training)."""
     store = storage.open_storage(cfg.storage)
     layout = Layout.from_config(cfg.storage)
-    key = training.rebuild_losses(store, layout, run, [t.fusion for t in trained])
+    key = training.write_losses(store, layout, run, [t.fusion for t in trained])
     get_run_logger().info("losses of %d fusions -> %s", len(trained), store.uri(key))
     return key
 
 
 @task(name="check-unchanged", **IO_RETRIES)
-def check_unchanged(cfg: PipelineConfig, manifest: ManifestRef) -> champion.SkipDecision:
+def check_unchanged(
+    cfg: PipelineConfig, started: ids.RunRef, manifest: ManifestRef
+) -> history.SkipDecision:
     """Nightly: has anything changed since the last completed run?"""
     store = storage.open_storage(cfg.storage)
-    fingerprint = champion.config_fingerprint(cfg.model_dump(mode="json"))
-    decision = champion.skip_unchanged(
-        store, Layout.from_config(cfg.storage), manifest.data_hash, fingerprint
+    decision = history.skip_unchanged(
+        store, Layout.from_config(cfg.storage), manifest.data_hash, started.config_hash
     )
     get_run_logger().info("%s: %s", "skipping" if decision.skip else "training", decision.reason)
     return decision
@@ -226,55 +263,24 @@ def promote_champions(
     trained: list[TrainedRef],
     evaluation: EvaluationRef,
     manifest: ManifestRef,
-) -> list[champion.ChampionDecision]:
-    """Make each new model its fusion's champion when its test AUC is not worse on the same split.
-
-    When the champion was scored on another test split (the data grew), its model is re-scored on
-    this run's test split first, so the two AUCs compare like with like.
-    """
+) -> list[champions.ChampionDecision]:
+    """Make each new model its fusion's champion when its test AUC is not worse on the same split
+    (a champion scored on another split is re-scored on this one first); write champions.json."""
     store = storage.open_storage(cfg.storage)
     layout = Layout.from_config(cfg.storage)
-    rows = manifests.read_manifest(store, manifest.key)
-    split = champion.split_hash(r.pair_id for r in rows if r.split == "test")
-    logger = get_run_logger()
-    decisions = []
-    for ref in trained:
-        current = champion.read_champion(store, layout, ref.fusion)
-        rescored = None
-        if current is not None and current.split_hash != split and store.exists(current.model_key):
-            old = TrainedRef(
-                fusion=ref.fusion, run=current.run, model_key=current.model_key,
-                epochs=0, best_epoch=0, best_val_loss=float("nan"),
-            )  # fmt: skip
-            device = inference.pick_device(cfg.evaluation.device)
-            preds = publish.predict_fusion(cfg, store, old, features, device)
-            rescored = evaluation_metrics.calculate_metrics(preds.label, preds.score)["roc_auc"]
-            logger.info(
-                "%s: champion %s re-scored on this split: AUC %.4f (recorded %.4f on its own)",
-                ref.fusion, current.run, rescored, current.auc,
-            )  # fmt: skip
-        decision = champion.update_champion(
-            store, layout, ref.fusion, run=ref.run,
-            auc=evaluation.metrics[ref.fusion]["roc_auc"], model_key=ref.model_key,
-            split_hash=split, champion_auc_on_split=rescored,
-        )  # fmt: skip
-        logger.info("champion %s", decision.summary())
-        decisions.append(decision)
-    run = evaluation.run
-    store.write_bytes(
-        layout.reports(run) + "champions.json",
-        runs.json_bytes([d.model_dump(mode="json") for d in decisions]),
-        "application/json",
+    split = history.split_hash_of_test(store, manifest)
+    decisions = champions.promote_all(
+        store, layout, cfg, features, trained, evaluation.metrics, split
     )
-    runs.add_report_section(store, layout, run, "Champions", [d.summary() for d in decisions])
+    logger = get_run_logger()
+    for decision in decisions:
+        logger.info("champion %s", decision.summary())
     return decisions
 
 
 @task(name="finish-run", **IO_RETRIES)
-def finish_run(cfg: PipelineConfig, run: str, manifest: ManifestRef) -> None:
+def finish_run(cfg: PipelineConfig, started: ids.RunRef, manifest: ManifestRef) -> None:
     """Record the completed run (data hash, settings) and clear its in-progress record."""
     store = storage.open_storage(cfg.storage)
-    layout = Layout.from_config(cfg.storage)
-    fingerprint = champion.config_fingerprint(cfg.model_dump(mode="json"))
-    champion.record_run(store, layout, run, manifest.data_hash, fingerprint)
-    runs.end_run(store, layout, run)
+    key = ids.finish_run(store, Layout.from_config(cfg.storage), started, manifest.data_hash)
+    get_run_logger().info("run %s complete: %s", started.run, store.uri(key))

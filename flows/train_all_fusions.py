@@ -13,21 +13,22 @@ from prefect import flow, get_run_logger
 from config import load_config
 from config.schema import PipelineConfig
 from flows.common import base_parser, enable_project_logging, run_cli
-from tasks.memory import plan_concurrency
-from tasks.refs import FeatureRef, RunSummary, TrainedRef
-from tasks.steps import (
+from flows.steps import (
     build_features,
     build_manifest,
     check_unchanged,
     collect_losses,
-    evaluate_and_publish,
+    evaluate,
     fill_demo_dataset,
     finish_run,
     promote_champions,
+    publish_report,
     set_up_folders,
     start_run,
     train_fusion_task,
 )
+from tasks.refs import FeatureRef, RunSummary, TrainedRef
+from tasks.train.memory import plan_concurrency
 
 
 @flow(name="train-all-fusions", log_prints=False)
@@ -39,15 +40,16 @@ def train_all_fusions(
     cfg = load_config(config_path, overrides or [])
     logger = get_run_logger()
     folders = set_up_folders(cfg)
-    run = start_run(cfg)
+    started = start_run(cfg)  # run id + config fingerprint, computed once
+    run = started.run
     logger.info("run %s on %s (config %s)", run, folders.root_uri, config_path)
     if cfg.generator.fill_empty_dataset:
         fill_demo_dataset(cfg)
     manifest = build_manifest(cfg, run)
     if cfg.run.skip_if_unchanged:
-        unchanged = check_unchanged(cfg, manifest)
+        unchanged = check_unchanged(cfg, started, manifest)
         if unchanged.skip:
-            finish_run(cfg, run, manifest)
+            finish_run(cfg, started, manifest)
             return RunSummary(run=run, root_uri=folders.root_uri, n_pairs=manifest.n_pairs,
                               notes=[f"skipped: {unchanged.reason}"])  # fmt: skip
     features = build_features(cfg, manifest)
@@ -58,16 +60,17 @@ def train_all_fusions(
     else:
         trained = train_here(cfg, features, run)
     collect_losses(cfg, trained, run)
-    evaluation = evaluate_and_publish(cfg, features, trained, run, manifest)
+    evaluation = evaluate(cfg, features, trained, run, manifest)
     decisions = promote_champions(cfg, features, trained, evaluation, manifest)
-    finish_run(cfg, run, manifest)
-    logger.info("run %s complete: report %s", run, evaluation.report_key)
+    report_key = publish_report(cfg, features, trained, evaluation, manifest, decisions)
+    finish_run(cfg, started, manifest)
+    logger.info("run %s complete: report %s", run, report_key)
     return RunSummary(
         run=run,
         root_uri=folders.root_uri,
         n_pairs=manifest.n_pairs,
         fusions=[t.fusion for t in trained],
-        report_key=evaluation.report_key,
+        report_key=report_key,
         metrics=evaluation.metrics,
         skipped=len(features.skipped),
         notes=[d.summary() for d in decisions],
@@ -95,5 +98,10 @@ def main(args: argparse.Namespace) -> RunSummary:
     return train_all_fusions(config_path=args.config, overrides=args.overrides)
 
 
+def cli() -> int:
+    """The `deepfake-train` console script: parse sys.argv, run, return the exit code."""
+    return run_cli(main, base_parser(__doc__ or ""))
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, base_parser(__doc__ or "")))
+    sys.exit(cli())

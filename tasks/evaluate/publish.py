@@ -1,10 +1,15 @@
 """Evaluate a run's models on the test split and publish everything to the bucket.
 
-    evaluate_run(cfg, store, run, features, trained, manifest) -> EvaluationRef
+    evaluate_run(cfg, store, layout, run, features, trained, manifest) -> EvaluationRef
         writes  outputs/reports/<run>/refs.json      what the run evaluated (config, refs)
                 outputs/reports/<run>/metrics.json   deterministic: same models + shards = same file
                 outputs/plots/<run>/<name>.png       the 19 plots (plots.plot_names)
-                outputs/reports/<run>/report.html    the self-contained report
+    write_report(cfg, store, layout, evaluation, features, trained, manifest, decisions) -> key
+        writes  outputs/reports/<run>/report.html    the self-contained report, rendered once from
+                                                     metrics.json, the plots and the champion
+                                                     decisions (when the run has them)
+    score_model(store, storage_cfg, model_key, features, device) -> Predictions
+        one model file scored on the test split (the evaluation, and champion re-scoring)
 
 `refs.json` is written first, so `python -m flows.evaluate --run RUN` can redo the evaluation from
 the bucket alone: it names the feature shards of the test split, the model files and the run's
@@ -15,18 +20,17 @@ reads the run's emotion vectors, so every plot can be redrawn from the bucket.
 from __future__ import annotations
 
 import io
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from config.load import validate_config
-from config.schema import PipelineConfig
+from config.schema import EvaluationConfig, MemoryConfig, PipelineConfig, StorageConfig
 from tasks.data.shards import DeepfakeDataset
 from tasks.errors import DataError, ObjectNotFound
 from tasks.evaluate import inference, plots
@@ -37,6 +41,9 @@ from tasks.io.layout import FAKE, REAL, Layout
 from tasks.io.storage import Storage
 from tasks.refs import EvaluationRef, FeatureRef, ManifestRef, TrainedRef
 
+if TYPE_CHECKING:
+    from tasks.runs.champions import ChampionDecision
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # of metrics.json and refs.json
@@ -44,10 +51,6 @@ VECTOR_FIELDS = ("audio_emb", "image_emb", "label", "epoch")  # emotion_vectors-
 
 
 # --- what a run evaluated (refs.json) ------------------------------------------------------------
-
-
-def refs_key(layout: Layout, run: str) -> str:
-    return f"{layout.reports(run)}refs.json"
 
 
 class RunRefs(BaseModel):
@@ -80,8 +83,8 @@ def save_refs(
         "trained": [t.model_dump(mode="json") for t in trained],
         "manifest": manifest.model_dump(mode="json") if manifest is not None else None,
     }
-    key = refs_key(layout, run)
-    store.write_bytes(key, _json_bytes(doc), "application/json")
+    key = layout.refs(run)
+    records.write_json(store, key, doc)
     return key
 
 
@@ -89,9 +92,9 @@ def load_refs(store: Storage, layout: Layout, run: str, current: PipelineConfig)
     """Read `refs.json` of `run`. The run's settings are kept (they describe how it was trained)
     except `storage` and `evaluation`, which come from `current`: where the bucket is today and
     how to evaluate. A missing or foreign file is a clear error."""
-    key = refs_key(layout, run)
+    key = layout.refs(run)
     try:
-        raw = store.read_bytes(key)
+        doc = records.read_json(store, key)
     except ObjectNotFound as exc:
         raise ObjectNotFound(
             f"{store.uri(key)}: no such object; run {run!r} was never evaluated by "
@@ -99,7 +102,6 @@ def load_refs(store: Storage, layout: Layout, run: str, current: PipelineConfig)
             "re-evaluated"
         ) from exc
     try:
-        doc = json.loads(raw)
         if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"expected a JSON object with format_version {FORMAT_VERSION}")
         settings = dict(doc["config"])
@@ -119,7 +121,7 @@ def load_refs(store: Storage, layout: Layout, run: str, current: PipelineConfig)
 
 def runs_with_models(store: Storage, layout: Layout) -> list[str]:
     """Run ids that have at least one final model file (outputs/models/<fusion>/<run>/model.pt)."""
-    prefix = f"{layout.outputs}models/"
+    prefix = layout.models_root()
     runs = set()
     for info in store.list(prefix):
         parts = info.key[len(prefix) :].split("/")
@@ -132,9 +134,9 @@ def latest_run(store: Storage, layout: Layout) -> str:
     """The newest run (largest id: run ids are UTC timestamps) with models and a refs.json."""
     runs = runs_with_models(store, layout)
     for run in reversed(runs):
-        if store.exists(refs_key(layout, run)):
+        if store.exists(layout.refs(run)):
             return run
-    where = store.uri(f"{layout.outputs}models/")
+    where = store.uri(layout.models_root())
     if runs:
         raise DataError(
             f"{where}: runs {', '.join(runs)} have models but none was evaluated "
@@ -146,26 +148,26 @@ def latest_run(store: Storage, layout: Layout) -> str:
 # --- inference ---------------------------------------------------------------------------------
 
 
-def predict_fusion(
-    cfg: PipelineConfig,
+def score_model(
     store: Storage,
-    trained: TrainedRef,
+    storage_cfg: StorageConfig,
+    model_key: str,
     features: FeatureRef,
     device: torch.device,
 ) -> inference.Predictions:
-    """Load one model from the bucket (weights only, never pickled code); score the test split."""
+    """Load the model at `model_key` (weights only, never pickled code); score the test split."""
     if not features.shards.get("test"):
         raise DataError(f"{features.prefix}: the test split has no feature shards to evaluate on")
-    model, _meta = inference.load_fusion_model(store, trained.model_key)
+    model, _meta = inference.load_fusion_model(store, model_key)
     expected = sum(features.counts.get("test", {}).values())
     dataset = DeepfakeDataset(
-        cfg.storage, features.shards.get("test", []), shuffle=False, n_samples=expected
+        storage_cfg, features.shards.get("test", []), shuffle=False, n_samples=expected
     )
     predictions = inference.predict(model, dataset, device)
     if len(predictions.score) != expected:
         log.warning(
             "%s: scored %d test pairs, the feature set lists %d",
-            trained.fusion,
+            store.uri(model_key),
             len(predictions.score),
             expected,
         )
@@ -173,10 +175,6 @@ def predict_fusion(
 
 
 # --- metrics -----------------------------------------------------------------------------------
-
-
-def _json_bytes(doc: Any) -> bytes:
-    return (json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
 
 
 def _check_classes(fusion: str, label: np.ndarray, run: str) -> None:
@@ -190,13 +188,12 @@ def _check_classes(fusion: str, label: np.ndarray, run: str) -> None:
 
 def metrics_document(
     run: str,
-    cfg: PipelineConfig,
+    ev: EvaluationConfig,
     features: FeatureRef,
     trained: Sequence[TrainedRef],
     predictions: Mapping[str, inference.Predictions],
 ) -> dict[str, Any]:
     """The content of metrics.json: only inputs and results, no clock, so reruns match exactly."""
-    ev = cfg.evaluation
     fusions: dict[str, Any] = {}
     for t in trained:
         p = predictions[t.fusion]
@@ -243,8 +240,8 @@ def compare_with_stored(store: Storage, key: str, doc: Mapping[str, Any]) -> boo
     if not store.exists(key):
         return None
     try:
-        stored = json.loads(store.read_bytes(key))
-    except ValueError as exc:
+        stored = records.read_json(store, key)
+    except DataError as exc:
         stored = {"unreadable": str(exc)}
     changed = differences(stored, doc) if isinstance(stored, dict) else ["not a JSON object"]
     if changed:
@@ -280,7 +277,8 @@ def projection(vectors: Mapping[str, np.ndarray]) -> plots.Projection:
 
 
 def plot_inputs(
-    cfg: PipelineConfig,
+    ev: EvaluationConfig,
+    memory: MemoryConfig,
     store: Storage,
     layout: Layout,
     run: str,
@@ -289,7 +287,6 @@ def plot_inputs(
 ) -> plots.PlotInputs:
     """Gather what the plots draw: test-split results, and the run's logs and vectors."""
     fusions = list(doc["fusions"])
-    ev = cfg.evaluation
     labels = {f: np.asarray(predictions[f].label).astype(np.int64) for f in fusions}
     scores = {f: np.asarray(predictions[f].score, dtype=np.float64) for f in fusions}
     return plots.PlotInputs(
@@ -311,8 +308,8 @@ def plot_inputs(
             f: projection(read_vectors(store, layout.emotion_vectors(f, run))) for f in fusions
         },
         threshold=ev.threshold,
-        memory_cap=cfg.memory.cap,
-        shrink_threshold=cfg.memory.shrink_threshold,
+        memory_cap=memory.cap,
+        shrink_threshold=memory.shrink_threshold,
     )
 
 
@@ -322,46 +319,74 @@ def plot_inputs(
 def evaluate_run(
     cfg: PipelineConfig,
     store: Storage,
+    layout: Layout,
     run: str,
     features: FeatureRef,
     trained: Sequence[TrainedRef],
     manifest: ManifestRef | None,
 ) -> EvaluationRef:
-    """Score every trained model on the test split, then publish metrics, plots and report."""
+    """Score every trained model on the test split, then write refs.json, metrics and plots."""
     if not trained:
         raise DataError(f"run {run}: no trained models to evaluate")
-    layout = Layout.from_config(cfg.storage)
     save_refs(store, layout, run, cfg, features, trained, manifest)
     device = inference.pick_device(cfg.evaluation.device)
-    predictions = {t.fusion: predict_fusion(cfg, store, t, features, device) for t in trained}
-    return publish_evaluation(cfg, store, run, features, trained, manifest, predictions)
+    predictions = {
+        t.fusion: score_model(store, cfg.storage, t.model_key, features, device) for t in trained
+    }
+    return write_evaluation(cfg, store, layout, run, features, trained, predictions)
 
 
-def publish_evaluation(
+def write_evaluation(
     cfg: PipelineConfig,
     store: Storage,
+    layout: Layout,
     run: str,
     features: FeatureRef,
     trained: Sequence[TrainedRef],
-    manifest: ManifestRef | None,
     predictions: Mapping[str, inference.Predictions],
 ) -> EvaluationRef:
-    """Metrics, plots and report from test-split predictions (one entry per trained fusion)."""
-    layout = Layout.from_config(cfg.storage)
-    doc = metrics_document(run, cfg, features, trained, predictions)
+    """metrics.json and the plots from test-split predictions (one entry per trained fusion).
+    The returned ref names the report's key too: `write_report` renders it there."""
+    doc = metrics_document(run, cfg.evaluation, features, trained, predictions)
     metrics_key = layout.metrics(run)
     reproduced = compare_with_stored(store, metrics_key, doc)
-    store.write_bytes(metrics_key, _json_bytes(doc), "application/json")
+    records.write_json(store, metrics_key, doc)
 
-    figures = plots.draw_all(plot_inputs(cfg, store, layout, run, doc, predictions))
-    pngs: dict[str, bytes] = {}
+    inputs = plot_inputs(cfg.evaluation, cfg.memory, store, layout, run, doc, predictions)
     plot_keys = []
-    for name, fig in figures.items():
-        pngs[name] = plots.render_png(fig)
-        key = f"{layout.plots(run)}{name}.png"
-        store.write_bytes(key, pngs[name], "image/png")
+    for name, fig in plots.draw_all(inputs).items():
+        key = layout.plot(run, name)
+        store.write_bytes(key, plots.render_png(fig), "image/png")
         plot_keys.append(key)
+    log.info("run %s: metrics and %d plots written", run, len(plot_keys))
+    return EvaluationRef(
+        run=run,
+        metrics_key=metrics_key,
+        report_key=layout.report(run),
+        plot_keys=plot_keys,
+        metrics={f: dict(v["metrics"]) for f, v in doc["fusions"].items()},
+        reproduced=reproduced,
+    )
 
+
+def write_report(
+    cfg: PipelineConfig,
+    store: Storage,
+    layout: Layout,
+    evaluation: EvaluationRef,
+    features: FeatureRef,
+    trained: Sequence[TrainedRef],
+    manifest: ManifestRef | None,
+    decisions: Sequence[ChampionDecision] | None,
+) -> str:
+    """Render report.html once, from the run's metrics.json, its plots and its champion decisions
+    (None: the run has none); returns the report's key."""
+    run = evaluation.run
+    doc = records.read_json(store, evaluation.metrics_key)
+    pngs = {
+        name: store.read_bytes(layout.plot(run, name))
+        for name in plots.plot_names(list(doc["fusions"]))
+    }
     html = render_report(
         run=run,
         doc=doc,
@@ -371,22 +396,11 @@ def publish_evaluation(
         trained=trained,
         manifest=manifest,
         model_links={t.fusion: (store.uri(t.model_key), store.link(t.model_key)) for t in trained},
-        metrics_link=(store.uri(metrics_key), store.link(metrics_key)),
+        metrics_link=(store.uri(evaluation.metrics_key), store.link(evaluation.metrics_key)),
         generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        champions=decisions,
     )
-    report_key = layout.report(run)
-    store.write_bytes(report_key, html.encode("utf-8"), "text/html; charset=utf-8")
-    log.info(
-        "run %s: %d plots, metrics and report in %s",
-        run,
-        len(plot_keys),
-        store.uri(layout.reports(run)),
-    )
-    return EvaluationRef(
-        run=run,
-        metrics_key=metrics_key,
-        report_key=report_key,
-        plot_keys=plot_keys,
-        metrics={f: dict(v["metrics"]) for f, v in doc["fusions"].items()},
-        reproduced=reproduced,
-    )
+    key = layout.report(run)
+    store.write_bytes(key, html.encode("utf-8"), "text/html; charset=utf-8")
+    log.info("run %s: report %s", run, store.uri(key))
+    return key

@@ -10,10 +10,13 @@ import base64
 import html
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks.evaluate.metrics import METRIC_NAMES
 from tasks.refs import FeatureRef, ManifestRef, TrainedRef
+
+if TYPE_CHECKING:
+    from tasks.runs.champions import ChampionDecision
 
 MAX_SKIPPED_ROWS = 500  # skipped files listed in the page; the rest are counted
 Link = tuple[str, str]  # (URI shown, href: a presigned URL on S3, a path on the local backend)
@@ -172,6 +175,11 @@ def _data_section(manifest: ManifestRef | None, features: FeatureRef) -> str:
     return "\n".join(parts)
 
 
+def _champions_section(decisions: Sequence[ChampionDecision]) -> str:
+    items = "\n".join(f"<li>{_e(d.summary())}</li>" for d in decisions)
+    return f'<section id="champions"><h2>Champions</h2>\n<ul>\n{items}\n</ul></section>\n'
+
+
 def render_report(
     run: str,
     doc: Mapping[str, Any],
@@ -183,9 +191,11 @@ def render_report(
     model_links: Mapping[str, Link],
     metrics_link: Link,
     generated_at: str,
+    champions: Sequence[ChampionDecision] | None = None,
 ) -> str:
     """The report page. `doc` is the run's metrics.json, `plots` PNG bytes by name, `settings`
-    the run's configuration; links are (URI, href) pairs, href a presigned URL or a path."""
+    the run's configuration; links are (URI, href) pairs, href a presigned URL or a path;
+    `champions` the run's champion decisions (None: the run has none, no section)."""
     body = "\n".join(
         [
             f"<h1>Deepfake detector evaluation: run {_e(run)}</h1>",
@@ -201,8 +211,9 @@ def render_report(
             f"<pre>{_e(json.dumps(settings, indent=2, sort_keys=True))}</pre>",
         ]
     )
+    last = "" if champions is None else _champions_section(champions)
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>Run {_e(run)}: evaluation report</title><style>{_CSS}</style></head>"
-        f"<body>\n{body}\n</body></html>\n"
+        f"<body>\n{body}\n{last}</body></html>\n"
     )

@@ -1,4 +1,4 @@
-"""Nightly decisions: promote a new model to its fusion's champion, skip a run on unchanged data.
+"""Champions: which model of each fusion users should deploy, and every run's decision about it.
 
 Champion record, one per fusion, at `Layout.champion(fusion)`, i.e.
 outputs/models/<fusion>/champion.json:
@@ -13,34 +13,34 @@ different splits are not comparable, so then the champion stays, unless the call
 the champion's model on the candidate's split and passes that score (`champion_auc_on_split`).
 Every decision carries both scores and a one-line reason for the log and the report.
 
-Last-run record at `Layout.last_run()` (outputs/manifests/last-run.json): the data hash of the
-newest completed run's manifest and the fingerprint of its config. `skip_unchanged` tells a
-scheduled run whether anything changed since.
+    promote_all(store, layout, cfg, features, trained, metrics, test_split_hash)
+        one decision per trained fusion (the champion re-scored on this split when it was scored
+        on another), written to the run's `Layout.champion_decisions(run)` (champions.json)
+    read_decisions(store, layout, run)   those decisions, for a re-evaluation's report
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from tasks.errors import CheckpointError, ObjectNotFound
+from config.schema import PipelineConfig
+from tasks.errors import CheckpointError, DataError, ObjectNotFound
+from tasks.evaluate import inference, publish
+from tasks.evaluate.metrics import calculate_metrics
+from tasks.io import records
 from tasks.io.layout import Layout
 from tasks.io.storage import Storage
+from tasks.refs import FeatureRef, TrainedRef
+from tasks.runs.history import Record, first_line, utc_now
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # of champion.json and last-run.json
-
-
-class Record(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+FORMAT_VERSION = 1  # of champion.json
 
 
 class Champion(Record):
@@ -74,35 +74,7 @@ class ChampionDecision(Record):
         return f"{self.fusion}: run {self.new_run} {verdict}: {self.reason}"
 
 
-class RunRecord(Record):
-    """What the newest completed run saw: its data and its settings."""
-
-    format_version: int = FORMAT_VERSION
-    run: str
-    data_hash: str  # ManifestRef.data_hash: every listed key + ETag
-    config_hash: str  # `config_fingerprint()` of the run's config
-    finished_at: str  # ISO 8601 UTC
-
-
-class SkipDecision(Record):
-    """Whether a scheduled run can skip training: same data and same settings as the last run."""
-
-    skip: bool
-    reason: str
-    data_hash: str
-    last_run: str | None = None
-
-
 # --- champion ------------------------------------------------------------------------------------
-
-
-def split_hash(pair_ids: Iterable[str]) -> str:
-    """A stable name for a test split: SHA-256 of its sorted, distinct pair identifiers (e.g. the
-    manifest's pair_id, or "audio_key|image_key"); the order they come in does not matter."""
-    ids = sorted(set(pair_ids))
-    if not ids:
-        raise ValueError("split_hash: the test split holds no pairs")
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
 def decide(
@@ -153,14 +125,12 @@ def read_champion(store: Storage, layout: Layout, fusion: str) -> Champion | Non
     """The fusion's champion record, or None when it has none yet."""
     key = layout.champion(fusion)
     try:
-        data = store.read_bytes(key)
+        champion = Champion.model_validate(records.read_json(store, key))
     except ObjectNotFound:
         return None
-    try:
-        champion = Champion.model_validate(json.loads(data))
-    except (json.JSONDecodeError, UnicodeDecodeError, ValidationError) as exc:
+    except (DataError, ValidationError) as exc:
         raise CheckpointError(
-            f"{store.uri(key)}: not a valid champion record ({_first_line(exc)}); "
+            f"{store.uri(key)}: not a valid champion record ({first_line(exc)}); "
             "fix or delete it to let the next run become champion"
         ) from exc
     if champion.format_version != FORMAT_VERSION:
@@ -190,70 +160,81 @@ def update_champion(
             raise CheckpointError(f"{store.uri(model_key)}: model to promote does not exist")
         champion = Champion(
             fusion=fusion, run=run, auc=auc, model_key=model_key, split_hash=split_hash,
-            promoted_at=_now(),
+            promoted_at=utc_now(),
             previous=None if current is None else {"run": current.run, "auc": current.auc},
         )  # fmt: skip
-        store.write_bytes(layout.champion(fusion), _json(champion), "application/json")
+        records.write_json(store, layout.champion(fusion), champion.model_dump(mode="json"))
     log.info("champion %s", decision.summary())
     return decision
 
 
-# --- skip unchanged ------------------------------------------------------------------------------
+def promote_all(
+    store: Storage,
+    layout: Layout,
+    cfg: PipelineConfig,
+    features: FeatureRef,
+    trained: Sequence[TrainedRef],
+    metrics: Mapping[str, Mapping[str, float]],
+    test_split_hash: str,
+) -> list[ChampionDecision]:
+    """Decide each trained fusion's champion from its test AUC (`metrics[fusion]["roc_auc"]`) and
+    write the run's decisions. A champion scored on another test split (the data grew) is first
+    re-scored on this run's split from its model file, so the two AUCs compare like with like."""
+    decisions = []
+    for ref in trained:
+        current = read_champion(store, layout, ref.fusion)
+        rescored = None
+        if (
+            current is not None
+            and current.split_hash != test_split_hash
+            and store.exists(current.model_key)
+        ):
+            rescored = rescore(store, cfg, current, features)
+        decision = update_champion(
+            store, layout, ref.fusion, run=ref.run, auc=metrics[ref.fusion]["roc_auc"],
+            model_key=ref.model_key, split_hash=test_split_hash, champion_auc_on_split=rescored,
+        )  # fmt: skip
+        decisions.append(decision)
+    if decisions:
+        write_decisions(store, layout, decisions[0].new_run, decisions)
+    return decisions
 
 
-def config_fingerprint(config: Mapping[str, Any]) -> str:
-    """SHA-256 of a config dump (`cfg.model_dump(mode="json")`) without `run.name`, which changes
-    every night without changing what a run computes."""
-    dump = json.loads(json.dumps(config))  # a deep copy with JSON types only
-    dump.get("run", {}).pop("name", None)
-    return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()
+def rescore(store: Storage, cfg: PipelineConfig, current: Champion, features: FeatureRef) -> float:
+    """The champion's test AUC on the split of `features`, from its model file."""
+    device = inference.pick_device(cfg.evaluation.device)
+    preds = publish.score_model(store, cfg.storage, current.model_key, features, device)
+    auc = calculate_metrics(preds.label, preds.score)["roc_auc"]
+    log.info(
+        "%s: champion %s re-scored on this split: AUC %.4f (recorded %.4f on its own)",
+        current.fusion, current.run, auc, current.auc,
+    )  # fmt: skip
+    return auc
 
 
-def read_last_run(store: Storage, layout: Layout) -> RunRecord | None:
-    """The newest completed run's record, or None before the first one."""
-    key = layout.last_run()
+_DECISIONS = TypeAdapter(list[ChampionDecision])
+
+
+def write_decisions(
+    store: Storage, layout: Layout, run: str, decisions: Sequence[ChampionDecision]
+) -> str:
+    """The run's champion decisions at `Layout.champion_decisions(run)`; returns the key."""
+    key = layout.champion_decisions(run)
+    records.write_json(store, key, [d.model_dump(mode="json") for d in decisions])
+    return key
+
+
+def read_decisions(store: Storage, layout: Layout, run: str) -> list[ChampionDecision] | None:
+    """The run's champion decisions, or None when the run made none (e.g. only re-evaluated)."""
+    key = layout.champion_decisions(run)
     try:
-        data = store.read_bytes(key)
+        return _DECISIONS.validate_python(records.read_json(store, key))
     except ObjectNotFound:
         return None
-    try:
-        return RunRecord.model_validate(json.loads(data))
-    except (json.JSONDecodeError, UnicodeDecodeError, ValidationError) as exc:
-        log.warning(
-            "%s: unreadable last-run record (%s); treating the data as changed",
-            store.uri(key),
-            _first_line(exc),
-        )
-        return None
-
-
-def skip_unchanged(
-    store: Storage, layout: Layout, data_hash: str, config_hash: str
-) -> SkipDecision:
-    """Skip when the last completed run saw the same data (manifest data_hash) and settings."""
-    last = read_last_run(store, layout)
-    if last is None:
-        return SkipDecision(skip=False, reason="no completed run recorded", data_hash=data_hash)
-    same_data, same_config = last.data_hash == data_hash, last.config_hash == config_hash
-    if same_data and same_config:
-        reason = f"data and settings unchanged since run {last.run}"
-    elif same_data:
-        reason = f"settings changed since run {last.run} (data unchanged)"
-    else:
-        reason = f"data changed since run {last.run}"
-    decision = SkipDecision(
-        skip=same_data and same_config, reason=reason, data_hash=data_hash, last_run=last.run
-    )
-    log.info("%s: %s", "skip" if decision.skip else "run", reason)
-    return decision
-
-
-def record_run(store: Storage, layout: Layout, run: str, data_hash: str, config_hash: str) -> str:
-    """Remember a completed run's data hash and config fingerprint; returns the record's key."""
-    record = RunRecord(run=run, data_hash=data_hash, config_hash=config_hash, finished_at=_now())
-    key = layout.last_run()
-    store.write_bytes(key, _json(record), "application/json")
-    return key
+    except (DataError, ValidationError) as exc:
+        raise DataError(
+            f"{store.uri(key)}: not a readable list of champion decisions ({first_line(exc)})"
+        ) from exc
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -262,15 +243,3 @@ def record_run(store: Storage, layout: Layout, run: str, data_hash: str, config_
 def _check_auc(value: float, what: str) -> None:
     if not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{what} must be a number in [0, 1], got {value!r}")
-
-
-def _json(record: BaseModel) -> bytes:
-    return (json.dumps(record.model_dump(mode="json"), indent=2) + "\n").encode()
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,29 +1,52 @@
-"""Run ids that survive a crash, and the nightly bookkeeping around a run.
+"""Run ids that survive a crash: the in-progress record at `Layout.in_progress()`.
 
 A flow run writes `outputs/runs/in-progress.json` when it starts a new run id and deletes it when
 the run completes. If the worker dies mid-run, the next flow run with the same settings finds the
 record and takes over that run id, so training resumes from the checkpoints already in the bucket
-instead of starting again (DESIGN.md: nothing lost on failure).
+instead of starting again: a failure loses no finished epoch.
+
+    start_run(store, layout, cfg) -> RunRef     the run id and the config fingerprint, computed
+                                                once per flow run and passed to later steps
+    finish_run(store, layout, started, data_hash)   record the completed run, forget it as
+                                                in progress
 """
 
 from __future__ import annotations
 
-import html
-import json
 import logging
-from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
 
-from tasks.errors import ObjectNotFound
+from config.schema import PipelineConfig
+from tasks.errors import DataError, ObjectNotFound
+from tasks.io import records
 from tasks.io.layout import Layout, new_run_id
 from tasks.io.storage import Storage
+from tasks.runs import history
 
 log = logging.getLogger(__name__)
 
 
-def in_progress_key(layout: Layout) -> str:
-    return f"{layout.outputs}runs/in-progress.json"
+class RunRef(history.Record):
+    """The run a flow run works on, and the fingerprint of its settings (computed once)."""
+
+    run: str
+    config_hash: str  # history.config_fingerprint of the run's config
+    resumed: bool = False  # True: an interrupted run with the same settings is taken over
+
+
+def start_run(store: Storage, layout: Layout, cfg: PipelineConfig) -> RunRef:
+    """The run to work on: run.name, else an interrupted run with the same settings, else new."""
+    fingerprint = history.config_fingerprint(cfg.model_dump(mode="json"))
+    run, resumed = begin_run(store, layout, fingerprint, cfg.run.name)
+    return RunRef(run=run, config_hash=fingerprint, resumed=resumed)
+
+
+def finish_run(store: Storage, layout: Layout, started: RunRef, data_hash: str) -> str:
+    """Record the completed run (data hash, settings) and clear its in-progress record; returns
+    the last-run record's key."""
+    key = history.record_run(store, layout, started.run, data_hash, started.config_hash)
+    end_run(store, layout, started.run)
+    return key
 
 
 def begin_run(
@@ -36,12 +59,12 @@ def begin_run(
     """
     if explicit:
         return explicit, False
-    key = in_progress_key(layout)
+    key = layout.in_progress()
     try:
-        record = json.loads(store.read_bytes(key))
+        record = records.read_json(store, key)
     except ObjectNotFound:
         record = None
-    except ValueError:
+    except DataError:
         log.warning("%s: unreadable run record, starting a new run", store.uri(key))
         record = None
     if isinstance(record, dict) and record.get("config_hash") == config_hash and record.get("run"):
@@ -49,36 +72,16 @@ def begin_run(
         return str(record["run"]), True
     run = new_run_id()
     doc = {"run": run, "config_hash": config_hash, "started": datetime.now(UTC).isoformat()}
-    store.write_bytes(key, json.dumps(doc, indent=2).encode(), "application/json")
+    records.write_json(store, key, doc)
     return run, False
 
 
 def end_run(store: Storage, layout: Layout, run: str) -> None:
     """Forget the in-progress record of `run` (a newer run's record is left alone)."""
-    key = in_progress_key(layout)
+    key = layout.in_progress()
     try:
-        record = json.loads(store.read_bytes(key))
-    except (ObjectNotFound, ValueError):
+        record = records.read_json(store, key)
+    except (ObjectNotFound, DataError):
         return
     if isinstance(record, dict) and record.get("run") == run:
         store.delete(key)
-
-
-def add_report_section(
-    store: Storage, layout: Layout, run: str, title: str, lines: Sequence[str]
-) -> None:
-    """Append a section (title + one paragraph per line) to the run's report.html."""
-    key = layout.report(run)
-    page = store.read_bytes(key).decode("utf-8")
-    items = "\n".join(f"<li>{html.escape(line)}</li>" for line in lines)
-    section = f'<section id="{html.escape(title.lower().replace(" ", "-"))}">'
-    section += f"<h2>{html.escape(title)}</h2>\n<ul>\n{items}\n</ul></section>\n"
-    if "</body>" in page:
-        page = page.replace("</body>", section + "</body>", 1)
-    else:
-        page += section
-    store.write_bytes(key, page.encode("utf-8"), "text/html; charset=utf-8")
-
-
-def json_bytes(doc: Any) -> bytes:
-    return json.dumps(doc, indent=2, sort_keys=True).encode()

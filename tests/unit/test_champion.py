@@ -1,4 +1,5 @@
-"""Nightly decisions: champion promotion on the same split, skip on unchanged data and settings."""
+"""Nightly decisions: champion promotion on the same split (tasks/runs/champions.py), skip on
+unchanged data and settings (tasks/runs/history.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ import pytest
 
 from config.load import validate_config
 from config.schema import StorageConfig
-from tasks.errors import CheckpointError
+from tasks.errors import CheckpointError, DataError
 from tasks.io.layout import Layout
 from tasks.io.storage import LocalStorage, open_storage
+from tasks.refs import FeatureRef, TrainedRef
 from tasks.runs import champions as champion
+from tasks.runs import history
 
-SPLIT = champion.split_hash(["p1", "p2", "p3"])
-OTHER_SPLIT = champion.split_hash(["p1", "p2", "p4"])
+SPLIT = history.split_hash(["p1", "p2", "p3"])
+OTHER_SPLIT = history.split_hash(["p1", "p2", "p4"])
 
 
 def model(store: LocalStorage, fusion: str, run: str) -> str:
@@ -37,10 +40,10 @@ def store(tmp_path) -> LocalStorage:
 
 
 def test_split_hash_ignores_order_and_duplicates():
-    assert champion.split_hash(["b", "a", "a"]) == champion.split_hash(["a", "b"])
-    assert champion.split_hash(["a", "b"]) != champion.split_hash(["a", "c"])
+    assert history.split_hash(["b", "a", "a"]) == history.split_hash(["a", "b"])
+    assert history.split_hash(["a", "b"]) != history.split_hash(["a", "c"])
     with pytest.raises(ValueError, match="no pairs"):
-        champion.split_hash([])
+        history.split_hash([])
 
 
 def test_first_model_becomes_champion(store):
@@ -124,16 +127,16 @@ def cfg_dump(**training):
 
 def test_skip_only_when_data_and_settings_are_unchanged(store):
     layout = Layout()
-    config_hash = champion.config_fingerprint(cfg_dump(epochs=2))
-    first = champion.skip_unchanged(store, layout, "data-a", config_hash)
+    config_hash = history.config_fingerprint(cfg_dump(epochs=2))
+    first = history.skip_unchanged(store, layout, "data-a", config_hash)
     assert not first.skip and first.last_run is None
-    champion.record_run(store, layout, "r1", "data-a", config_hash)
+    history.record_run(store, layout, "r1", "data-a", config_hash)
 
-    same = champion.skip_unchanged(store, layout, "data-a", config_hash)
+    same = history.skip_unchanged(store, layout, "data-a", config_hash)
     assert same.skip and same.last_run == "r1" and "unchanged since run r1" in same.reason
-    assert not champion.skip_unchanged(store, layout, "data-b", config_hash).skip
-    other_cfg = champion.config_fingerprint(cfg_dump(epochs=3))
-    changed = champion.skip_unchanged(store, layout, "data-a", other_cfg)
+    assert not history.skip_unchanged(store, layout, "data-b", config_hash).skip
+    other_cfg = history.config_fingerprint(cfg_dump(epochs=3))
+    changed = history.skip_unchanged(store, layout, "data-a", other_cfg)
     assert not changed.skip and "settings changed" in changed.reason
 
 
@@ -141,13 +144,13 @@ def test_config_fingerprint_ignores_the_run_name():
     a = cfg_dump(epochs=2)
     b = json.loads(json.dumps(a))
     b["run"]["name"] = "another-night"
-    assert champion.config_fingerprint(a) == champion.config_fingerprint(b)
+    assert history.config_fingerprint(a) == history.config_fingerprint(b)
     assert a["run"]["name"] == "n1"  # the caller's dump is not modified
 
 
 def test_unreadable_last_run_means_changed(store):
     store.write_bytes(Layout().last_run(), b"garbage")
-    decision = champion.skip_unchanged(store, Layout(), "data-a", "cfg")
+    decision = history.skip_unchanged(store, Layout(), "data-a", "cfg")
     assert not decision.skip and decision.reason == "no completed run recorded"
 
 
@@ -165,5 +168,40 @@ def test_champion_over_s3(s3_server, s3_bucket):
     )
     assert first.promoted and not second.promoted
     assert champion.read_champion(store, Layout(), "late").auc == 0.7
-    champion.record_run(store, Layout(), "r1", "data-a", "cfg")
-    assert champion.skip_unchanged(store, Layout(), "data-a", "cfg").skip
+    history.record_run(store, Layout(), "r1", "data-a", "cfg")
+    assert history.skip_unchanged(store, Layout(), "data-a", "cfg").skip
+
+
+def trained_ref(store: LocalStorage, fusion: str, run: str) -> TrainedRef:
+    return TrainedRef(
+        fusion=fusion, run=run, model_key=model(store, fusion, run),
+        epochs=1, best_epoch=1, best_val_loss=0.5,
+    )  # fmt: skip
+
+
+def test_promote_all_decides_every_fusion_and_writes_the_run_decisions(store):
+    cfg = validate_config({"storage": {"uri": str(store.root)}})
+    features = FeatureRef(
+        run="r2", feature_hash="h", prefix="outputs/cache/features/h/", shards={}, counts={}
+    )
+    layout = Layout()
+    promote(store, fusion="mid", run="r1", auc=0.9, split=OTHER_SPLIT)
+    # mid's champion was scored on another split and its model file is gone: not re-scored
+    store.delete(layout.model("mid", "r1"))
+    trained = [trained_ref(store, "early", "r2"), trained_ref(store, "mid", "r2")]
+    metrics = {"early": {"roc_auc": 0.7}, "mid": {"roc_auc": 0.95}}
+
+    decisions = champion.promote_all(store, layout, cfg, features, trained, metrics, SPLIT)
+
+    assert [(d.fusion, d.promoted) for d in decisions] == [("early", True), ("mid", False)]
+    assert not decisions[1].comparable
+    assert champion.read_champion(store, layout, "early").run == "r2"
+    assert champion.read_champion(store, layout, "mid").run == "r1"
+    assert champion.read_decisions(store, layout, "r2") == decisions
+    assert champion.read_decisions(store, layout, "r1") is None
+
+
+def test_unreadable_decisions_name_the_file(store):
+    store.write_bytes(Layout().champion_decisions("r1"), b'[{"fusion": 1}]')
+    with pytest.raises(DataError, match=r"r1/champions.json: not a readable list"):
+        champion.read_decisions(store, Layout(), "r1")

@@ -37,8 +37,10 @@ def test_publish_writes_metrics_19_plots_and_report_to_s3(s3_server, s3_bucket) 
     features, trained, manifest = eval_inputs.refs(RUN)
     preds = {f: eval_inputs.predictions(f) for f in eval_inputs.FUSIONS}
 
-    ref = publish.publish_evaluation(cfg, store, RUN, features, trained, manifest, preds)
+    ref = publish.write_evaluation(cfg, store, layout, RUN, features, trained, preds)
+    report_key = publish.write_report(cfg, store, layout, ref, features, trained, manifest, None)
 
+    assert report_key == ref.report_key
     assert ref.reproduced is None  # nothing to compare with yet
     assert ref.metrics_key == f"outputs/reports/{RUN}/metrics.json"
     assert ref.report_key == f"outputs/reports/{RUN}/report.html"
@@ -75,16 +77,16 @@ def test_rerun_reproduces_metrics_byte_for_byte_and_other_scores_differ(tmp_path
     eval_inputs.write_training_outputs(store, layout, RUN, ("mid",))
     features, trained, manifest = eval_inputs.refs(RUN, ("mid",))
     preds = {"mid": eval_inputs.predictions("mid")}
-    first = publish.publish_evaluation(cfg, store, RUN, features, trained, manifest, preds)
+    first = publish.write_evaluation(cfg, store, layout, RUN, features, trained, preds)
     assert len(first.plot_keys) == 17  # one confusion matrix for the one fusion
     stored = store.read_bytes(first.metrics_key)
 
-    again = publish.publish_evaluation(cfg, store, RUN, features, trained, manifest, preds)
+    again = publish.write_evaluation(cfg, store, layout, RUN, features, trained, preds)
     assert again.reproduced is True
     assert store.read_bytes(first.metrics_key) == stored
 
     other = {"mid": eval_inputs.predictions("mid", seed=5)}
-    changed = publish.metrics_document(RUN, cfg, features, trained, other)
+    changed = publish.metrics_document(RUN, cfg.evaluation, features, trained, other)
     assert publish.compare_with_stored(store, first.metrics_key, changed) is False
 
 
@@ -114,7 +116,9 @@ def test_a_test_split_without_one_class_is_refused() -> None:
     p = eval_inputs.predictions("early")
     only_fakes = type(p)(**{**p.__dict__, "label": np.ones_like(p.label)})
     with pytest.raises(DataError, match="early: the test split has no real pairs"):
-        publish.metrics_document(RUN, PipelineConfig(), features, trained, {"early": only_fakes})
+        publish.metrics_document(
+            RUN, PipelineConfig().evaluation, features, trained, {"early": only_fakes}
+        )
 
 
 def test_refs_round_trip_keeps_the_run_settings_but_todays_storage(tmp_path: Path) -> None:
@@ -142,7 +146,7 @@ def test_missing_or_foreign_refs_are_clear_errors(tmp_path: Path) -> None:
     store = LocalStorage(str(tmp_path))
     with pytest.raises(ObjectNotFound, match="refs.json: no such object; run 'r1' was never"):
         publish.load_refs(store, Layout(), "r1", PipelineConfig())
-    store.write_bytes(publish.refs_key(Layout(), "r2"), b'{"format_version": 7}')
+    store.write_bytes(Layout().refs("r2"), b'{"format_version": 7}')
     with pytest.raises(DataError, match="r2/refs.json: not a readable refs file"):
         publish.load_refs(store, Layout(), "r2", PipelineConfig())
 
@@ -158,7 +162,7 @@ def test_latest_run_is_the_newest_with_models_and_refs(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="none was evaluated"):
         publish.latest_run(store, layout)
     for run in ("20260101T000000Z", "20260102T000000Z"):
-        store.write_bytes(publish.refs_key(layout, run), b"{}")
+        store.write_bytes(layout.refs(run), b"{}")
     assert publish.runs_with_models(store, layout) == [
         "20260101T000000Z",
         "20260102T000000Z",

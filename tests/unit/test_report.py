@@ -9,6 +9,7 @@ from html.parser import HTMLParser
 from config.schema import PipelineConfig
 from tasks.evaluate import plots, publish
 from tasks.evaluate.report import render_report
+from tasks.runs.champions import ChampionDecision
 from tests.unit import eval_inputs
 
 RUN = "20260101T000000Z"
@@ -25,11 +26,15 @@ class Tags(HTMLParser):
         self.tags.append((tag, dict(attrs)))
 
 
-def make_report(families: bool = True, manifest: bool = True) -> tuple[str, dict[str, bytes]]:
+def make_report(
+    families: bool = True,
+    manifest: bool = True,
+    champions: list[ChampionDecision] | None = None,
+) -> tuple[str, dict[str, bytes]]:
     cfg = PipelineConfig()
     features, trained, manifest_ref = eval_inputs.refs(RUN)
     preds = {f: eval_inputs.predictions(f, families=families) for f in eval_inputs.FUSIONS}
-    doc = publish.metrics_document(RUN, cfg, features, trained, preds)
+    doc = publish.metrics_document(RUN, cfg.evaluation, features, trained, preds)
     inputs = eval_inputs.plot_inputs()
     pngs = {
         "roc-curves": plots.render_png(plots.plot_roc(inputs.curves, inputs.metrics)),
@@ -49,6 +54,7 @@ def make_report(families: bool = True, manifest: bool = True) -> tuple[str, dict
         },
         metrics_link=("s3://bkt/outputs/reports/r/metrics.json", "/local/metrics.json"),
         generated_at="2026-01-01 00:00:00 UTC",
+        champions=champions,
     )
     return page, pngs
 
@@ -104,3 +110,14 @@ def test_report_without_families_or_manifest_says_so() -> None:
     assert "The data names no fake families." in page
     assert "Pairs in the manifest" not in page
     assert "Skipped files (1)" in page  # the preprocessing one remains
+
+
+def test_champion_decisions_are_the_last_section_inside_the_body() -> None:
+    decision = ChampionDecision(
+        fusion="mid", promoted=True, reason="<first>", new_run="r", new_auc=0.9
+    )
+    page, _ = make_report(champions=[decision])
+    section = page.index('<section id="champions"><h2>Champions</h2>')
+    assert page.index("<h2>Settings</h2>") < section < page.index("</body>")
+    assert "<li>mid: run r promoted: &lt;first&gt;</li>" in page
+    assert "Champions" not in make_report()[0]  # a run without decisions has no such section
