@@ -34,7 +34,7 @@ def evaluation_ref() -> EvaluationRef:
         run=RUN,
         metrics_key=layout.metrics(RUN),
         report_key=layout.report(RUN),
-        plot_keys=[f"{layout.plots(RUN)}{n}.png" for n in plot_names(eval_inputs.FUSIONS)],
+        plot_keys=[layout.plot(RUN, n) for n in plot_names(eval_inputs.FUSIONS)],
         metrics=metrics,
     )
 

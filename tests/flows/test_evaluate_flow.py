@@ -17,7 +17,7 @@ from config import load_config
 from config.schema import PipelineConfig
 from flows.common import run_cli
 from flows.evaluate import evaluate_models, main, parser
-from flows.steps import evaluate_and_publish
+from flows.steps import evaluate, publish_report
 from models import build_model
 from tasks.data import shards
 from tasks.errors import CheckpointError
@@ -25,6 +25,7 @@ from tasks.evaluate import publish
 from tasks.io.layout import Layout
 from tasks.io.storage import open_storage
 from tasks.refs import EvaluationRef, FeatureRef, ManifestRef, TrainedRef
+from tasks.train import checkpoint
 from tasks.train import fit as training
 
 RUN = "20260101T000000Z"
@@ -90,8 +91,10 @@ def run_bucket(s3_server, s3_bucket, tmp_path: Path):
 def evaluation_step(
     cfg: PipelineConfig, features: FeatureRef, trained: list[TrainedRef], manifest: ManifestRef
 ) -> EvaluationRef:
-    """What train-all-fusions ends with."""
-    return evaluate_and_publish(cfg, features, trained, RUN, manifest)
+    """What train-all-fusions ends with (without the champions: this run has none)."""
+    evaluation = evaluate(cfg, features, trained, RUN, manifest)
+    publish_report(cfg, features, trained, evaluation, manifest, None)
+    return evaluation
 
 
 @pytest.mark.slow
@@ -99,7 +102,8 @@ def test_evaluate_flow_reproduces_the_run_metrics_exactly(prefect_harness, run_b
     cfg, config_path, store, layout, features, manifest = run_bucket
     # a finished tiny run: the three fusions, one epoch each
     trained = [
-        training.fit(cfg, features, f, RUN, read_memory=lambda: 30.0) for f in cfg.training.fusions
+        training.fit(store, layout, cfg, features, f, RUN, read_memory=lambda: 30.0)
+        for f in cfg.training.fusions
     ]
     ref = evaluation_step(cfg, features, trained, manifest)
     assert sorted(ref.metrics) == ["early", "late", "mid"]
@@ -135,7 +139,7 @@ def test_a_model_file_with_a_pickled_object_is_refused(
     buf = io.BytesIO()
     torch.save(
         {
-            "format_version": training.FORMAT_VERSION,
+            "format_version": checkpoint.FORMAT_VERSION,
             "fusion": "mid",
             "state_dict": model.state_dict(),
             "config": cfg.model_dump(mode="json"),
