@@ -4,7 +4,10 @@
 modality, label, size and ETag, pairs audio with images and writes two parquet tables to
 `outputs/manifests/<run>/`: `manifest.parquet` (one row per pair) and `files.parquet` (one row
 per listed file). Files the listing cannot use (wrong extension, outside real/ and fake/, zero
-bytes) are skipped and reported, never silently dropped.
+bytes) are skipped and reported, never silently dropped: they are returned in
+`ManifestRef.skipped`, and the feature build writes them with its own skips to the run's
+skipped-file list. Only when no usable pair is left does the manifest write that list itself,
+before raising, so the error can point at it.
 
 Pairing:
 - `dataset/pairs.csv` present (audio_key, image_key, label[, split][, family][, emotion]): its
@@ -32,6 +35,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from config.schema import DataConfig
+from tasks.data.skipped import write_skipped
 from tasks.errors import DataError
 from tasks.io.layout import FAKE, LABEL_NAMES, REAL, SPLITS, Layout
 from tasks.io.storage import ObjectInfo, Storage
@@ -265,7 +270,7 @@ def _carve_val(rows: list[PairRow], share: float) -> list[PairRow]:
 
 def _dataset_key(key: str, layout: Layout) -> str:
     key = key.lstrip("/")
-    return key if key.startswith(layout.dataset) else layout.dataset + key
+    return key if key.startswith(layout.dataset) else layout.dataset_key(key)
 
 
 def pairs_at_random(
@@ -331,10 +336,13 @@ def _seeded_order(
 # Building and reading
 
 
-def build_manifest(store: Storage, cfg: Any, run: str) -> ManifestRef:
-    """List, pair, split; write `manifest.parquet` and `files.parquet`. `cfg`: PipelineConfig."""
-    layout = Layout.from_config(cfg.storage)
-    data = cfg.data
+def build_manifest(
+    store: Storage, layout: Layout, data: DataConfig, seed: int, run: str
+) -> ManifestRef:
+    """List, pair, split; write `manifest.parquet` and `files.parquet`.
+
+    `seed` (run.seed) orders the random pairing when there is no pairs.csv.
+    """
     store.check()
     listing = list_dataset(store, layout)
     where = store.uri(layout.dataset)
@@ -349,16 +357,14 @@ def build_manifest(store: Storage, cfg: Any, run: str) -> ManifestRef:
         )
         how = "pairs.csv"
     else:
-        rows, pair_skips = pairs_at_random(
-            listing, cfg.run.seed, data.val_fraction, data.test_fraction
-        )
+        rows, pair_skips = pairs_at_random(listing, seed, data.val_fraction, data.test_fraction)
         how = "random pairing within labels"
     skipped = listing.skipped + pair_skips
-    _write_json(store, layout.manifest_dir(run) + "skipped.json", {"run": run, "skipped": skipped})
     if not rows:
+        skipped_key = write_skipped(store, layout, run, skipped)
         raise DataError(
             f"{where}: no usable pairs ({len(listing.audio)} audio and {len(listing.images)} image "
-            f"files usable, {len(skipped)} skipped; see {layout.manifest_dir(run)}skipped.json). "
+            f"files usable, {len(skipped)} skipped; see {skipped_key}). "
             "Expected audio/{real,fake}/*.wav and images/{real,fake}/*.{jpg,png}"
             + (" and pairs.csv rows naming them" if listing.pairs_csv else "")
         )
@@ -370,9 +376,7 @@ def build_manifest(store: Storage, cfg: Any, run: str) -> ManifestRef:
     store.write_bytes(key, _parquet(rows, PairRow), "application/vnd.apache.parquet")
     files = sorted([*listing.audio, *listing.images], key=lambda e: e.key)
     store.write_bytes(
-        layout.manifest_dir(run) + "files.parquet",
-        _parquet(files, FileEntry),
-        "application/vnd.apache.parquet",
+        layout.files_table(run), _parquet(files, FileEntry), "application/vnd.apache.parquet"
     )
     log.info(
         "manifest %s: %d pairs (%s), %s; %d skipped",
@@ -393,7 +397,7 @@ def build_manifest(store: Storage, cfg: Any, run: str) -> ManifestRef:
     )
 
 
-def count_labels(rows: Iterable[Any]) -> dict[str, dict[str, int]]:
+def count_labels(rows: Iterable[PairRow]) -> dict[str, dict[str, int]]:
     """split -> {"real": n, "fake": n}, for every split (zero counts included)."""
     counts = {s: {"real": 0, "fake": 0} for s in SPLITS}
     for r in rows:
@@ -419,10 +423,6 @@ def _parquet(items: Sequence[Any], kind: type) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
-
-
-def _write_json(store: Storage, key: str, obj: Any) -> str:
-    return store.write_bytes(key, json.dumps(obj, indent=1).encode(), "application/json")
 
 
 def read_manifest(store: Storage, key: str) -> list[PairRow]:

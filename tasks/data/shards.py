@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from config.schema import StorageConfig
 from tasks.errors import DataError
 from tasks.io.storage import Storage, open_storage
 
@@ -88,7 +89,7 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
 
     def __init__(
         self,
-        storage_cfg: Any,
+        storage_cfg: StorageConfig,
         shard_keys: Sequence[str],
         shuffle: bool = False,
         seed: int = 0,
@@ -149,7 +150,9 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
                 }
 
 
-def batches(samples: Iterator[dict[str, Any]], batch_size: Any) -> Iterator[dict[str, Any]]:
+def batches(
+    samples: Iterator[dict[str, Any]], batch_size: int | Callable[[], int]
+) -> Iterator[dict[str, Any]]:
     """Group samples into batches; `batch_size` is an int or a zero-argument callable read
     before each batch, so a memory guard can shrink batches mid-epoch."""
     size = batch_size if callable(batch_size) else (lambda: batch_size)

@@ -47,15 +47,15 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage, signal
 
+from config.schema import GeneratorConfig
 from tasks.errors import ConfigError
-from tasks.io.layout import FAKE, LABEL_NAMES, REAL, Layout
+from tasks.io.layout import FAKE, REAL, Layout
 from tasks.io.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
@@ -125,14 +125,14 @@ class PairSpec:
 
     @property
     def audio_key(self) -> str:
-        """Relative to the dataset prefix."""
-        folder = LABEL_NAMES[FAKE if self.audio_fake else REAL]
-        return f"audio/{folder}/{self.index:06d}.wav"
+        """Relative to the dataset prefix, as pairs.csv names it."""
+        return Layout.sample("audio", FAKE if self.audio_fake else REAL, f"{self.index:06d}.wav")
 
     @property
     def image_key(self) -> str:
-        folder = LABEL_NAMES[FAKE if self.image_fake else REAL]
-        return f"images/{folder}/{self.index:06d}.{self.image_format}"
+        """Relative to the dataset prefix, as pairs.csv names it."""
+        name = f"{self.index:06d}.{self.image_format}"
+        return Layout.sample("image", FAKE if self.image_fake else REAL, name)
 
 
 def plan_pairs(n: int, seed: int) -> list[PairSpec]:
@@ -492,21 +492,21 @@ def encode_image(img: Image.Image, fmt: str) -> bytes:
 def generate(store: Storage, layout: Layout, n: int, seed: int, workers: int = 4) -> list[PairSpec]:
     """Write `n` pairs and `pairs.csv` under `layout.dataset`; returns the pairs' specs."""
     specs = plan_pairs(n, seed)
-    prefix = layout.dataset
 
     def write_pair(spec: PairSpec) -> None:
         wav = encode_wav(synth_audio(spec, seed), spec.sample_rate)
-        store.write_bytes(prefix + spec.audio_key, wav, content_type="audio/wav")
+        store.write_bytes(layout.dataset_key(spec.audio_key), wav, content_type="audio/wav")
         picture = encode_image(synth_image(spec, seed), spec.image_format)
         kind = "image/jpeg" if spec.image_format == "jpg" else "image/png"
-        store.write_bytes(prefix + spec.image_key, picture, content_type=kind)
+        store.write_bytes(layout.dataset_key(spec.image_key), picture, content_type=kind)
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="make-dataset") as pool:
         for done, _ in enumerate(pool.map(write_pair, specs), start=1):
             if done % 100 == 0:
                 log.info("wrote %d/%d pairs", done, n)
     store.write_bytes(layout.pairs_csv(), pairs_csv(specs), content_type="text/csv")
-    log.info("wrote %d pairs (%d fake) to %s", n, sum(s.label for s in specs), store.uri(prefix))
+    where = store.uri(layout.dataset)
+    log.info("wrote %d pairs (%d fake) to %s", n, sum(s.label for s in specs), where)
     return specs
 
 
@@ -524,30 +524,30 @@ def dataset_is_empty(store: Storage, layout: Layout) -> bool:
     return next(iter(store.list(layout.dataset)), None) is None
 
 
-def ensure_demo_dataset(cfg: Any, n: int | None = None) -> int:
+def ensure_demo_dataset(
+    store: Storage, layout: Layout, generator: GeneratorConfig, n: int | None = None
+) -> int:
     """Write the benchmark when `dataset/` is empty and `generator.fill_empty_dataset` is on.
 
     Returns the number of pairs written (0 when data is already there or filling is off).
     """
-    store = open_storage(cfg.storage)
-    layout = Layout.from_config(cfg.storage)
     if not dataset_is_empty(store, layout):
         log.info("%s already holds data; not generating", store.uri(layout.dataset))
         return 0
-    if not cfg.generator.fill_empty_dataset:
+    if not generator.fill_empty_dataset:
         log.warning(
             "%s is empty and generator.fill_empty_dataset is off; not generating",
             store.uri(layout.dataset),
         )
         return 0
-    n = cfg.generator.n_pairs if n is None else n
-    generate(store, layout, n, cfg.generator.seed)
+    n = generator.n_pairs if n is None else n
+    generate(store, layout, n, generator.seed)
     return n
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from config import load_config
-    from flows.common import base_parser, run_cli
+    from config.cli import base_parser, run_cli
 
     parser = base_parser(__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--n", type=int, default=None, help="pairs (default: generator.n_pairs)")

@@ -1,5 +1,6 @@
 """Helpers for the data tests: a generated benchmark held in memory and copied into any backend,
-tiny configs, a storage wrapper that counts reads, and one planted file of every bad kind."""
+tiny configs, the data steps' calls, a storage wrapper that counts reads, and one planted file of
+every bad kind."""
 
 from __future__ import annotations
 
@@ -18,9 +19,12 @@ from PIL import Image
 
 from config.load import validate_config
 from config.schema import PipelineConfig
+from tasks.data.features import build_features
+from tasks.data.manifest import build_manifest
 from tasks.data.synthetic import generate
 from tasks.io.layout import Layout
 from tasks.io.storage import CHUNK, ObjectInfo, Storage
+from tasks.refs import FeatureRef, ManifestRef
 
 TINY_DATA = {
     "n_mels": 32,
@@ -42,6 +46,17 @@ def tiny_config(store_kind: str, tmp_path: Path, server: Any = None, **data: Any
     else:
         storage = {"uri": f"s3://{server.new_bucket()}", "endpoint_url": server.endpoint_url}
     return validate_config({"storage": storage, "data": {**TINY_DATA, **data}, "run": {"seed": 7}})
+
+
+def manifest_of(store: Storage, cfg: PipelineConfig, run: str) -> ManifestRef:
+    """`build_manifest` as the build-manifest step calls it."""
+    layout = Layout.from_config(cfg.storage)
+    return build_manifest(store, layout, cfg.data, cfg.run.seed, run)
+
+
+def features_of(store: Storage, cfg: PipelineConfig, manifest: ManifestRef) -> FeatureRef:
+    """`build_features` as the build-features step calls it."""
+    return build_features(store, Layout.from_config(cfg.storage), cfg.data, manifest)
 
 
 class MemoryStore:

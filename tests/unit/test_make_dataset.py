@@ -32,6 +32,7 @@ from tasks.data.synthetic import (
     ensure_demo_dataset,
     plan_pairs,
 )
+from tasks.io.layout import Layout
 from tasks.io.storage import open_storage
 from tests.unit.synthetic_data import generated
 
@@ -266,17 +267,18 @@ def test_ensure_demo_dataset_writes_once_and_only_when_allowed(tmp_path: Path) -
     on = validate_config(
         {"storage": {"uri": str(tmp_path / "b")}, "generator": {"fill_empty_dataset": True}}
     )
-    assert ensure_demo_dataset(on, n=6) == 6
     store = open_storage(on.storage)
+    assert ensure_demo_dataset(store, Layout(), on.generator, n=6) == 6
     keys = [o.key for o in store.list("dataset/")]
     assert len(keys) == 13 and "dataset/pairs.csv" in keys
-    assert ensure_demo_dataset(on, n=6) == 0  # data there: nothing written
+    assert ensure_demo_dataset(store, Layout(), on.generator, n=6) == 0  # data there: no write
     assert len(list(store.list("dataset/"))) == 13
 
     off = validate_config({"storage": {"uri": str(tmp_path / "c")}})
     assert off.generator.fill_empty_dataset is False  # production default
-    assert ensure_demo_dataset(off, n=6) == 0
-    assert list(open_storage(off.storage).list("dataset/")) == []
+    off_store = open_storage(off.storage)
+    assert ensure_demo_dataset(off_store, Layout(), off.generator, n=6) == 0
+    assert list(off_store.list("dataset/")) == []
 
 
 def test_cli_writes_to_s3_and_refuses_a_full_dataset(
@@ -306,7 +308,7 @@ def test_small_cnns_learn_the_artefacts_in_a_few_epochs() -> None:
     import torch
     from torch import nn
 
-    from tasks.data.features import preprocess_audio, preprocess_image
+    from tasks.data.decode import preprocess_audio, preprocess_image
     from tasks.data.manifest import split_of
 
     objects = generated(280, seed=8)

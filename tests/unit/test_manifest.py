@@ -12,11 +12,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from config.schema import PipelineConfig
-from tasks.data.manifest import build_manifest, read_manifest, split_of, stable_fraction
+from tasks.data.manifest import read_manifest, split_of, stable_fraction
 from tasks.errors import DataError
 from tasks.io.layout import SPLITS, Layout
 from tasks.io.storage import Storage, open_storage
-from tests.unit.synthetic_data import generated, listing_bad_files, load_into, tiny_config
+from tests.unit.synthetic_data import (
+    features_of,
+    generated,
+    listing_bad_files,
+    load_into,
+    manifest_of,
+    tiny_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +55,7 @@ def write_csv(store: Storage, rows: list[dict[str, str]], columns: list[str]) ->
 def test_pairs_csv_manifest(setup: tuple[PipelineConfig, Storage], bench: dict[str, bytes]) -> None:
     cfg, store = setup
     load_into(store, bench)
-    ref = build_manifest(store, cfg, "run1")
+    ref = manifest_of(store, cfg, "run1")
     assert ref.key == Layout().manifest("run1") and ref.uri == store.uri(ref.key)
     assert ref.n_pairs == 40 and ref.skipped == []
     assert sum(c["real"] for c in ref.counts.values()) == 20
@@ -76,11 +83,11 @@ def test_data_hash_tracks_content(
 ) -> None:
     cfg, store = setup
     load_into(store, bench)
-    first = build_manifest(store, cfg, "a").data_hash
-    assert build_manifest(store, cfg, "b").data_hash == first  # unchanged data, same hash
+    first = manifest_of(store, cfg, "a").data_hash
+    assert manifest_of(store, cfg, "b").data_hash == first  # unchanged data, same hash
     key = next(k for k in bench if k.endswith(".wav"))
     store.write_bytes(key, bench[key][:-2] + b"\x01\x02")  # same size, new content
-    assert build_manifest(store, cfg, "c").data_hash != first
+    assert manifest_of(store, cfg, "c").data_hash != first
 
 
 def test_random_pairing_within_labels_when_no_pairs_csv(
@@ -88,7 +95,7 @@ def test_random_pairing_within_labels_when_no_pairs_csv(
 ) -> None:
     cfg, store = setup
     load_into(store, {k: v for k, v in bench.items() if k != "dataset/pairs.csv"})
-    ref = build_manifest(store, cfg, "r")
+    ref = manifest_of(store, cfg, "r")
     rows = read_manifest(store, ref.key)
     audio_used = {r.audio_key for r in rows}
     image_used = {r.image_key for r in rows}
@@ -98,7 +105,7 @@ def test_random_pairing_within_labels_when_no_pairs_csv(
         assert r.audio_key.split("/")[2] == folder == r.image_key.split("/")[2]
         assert r.split == split_of(r.audio_key, 0.2, 0.2) == split_of(r.image_key, 0.2, 0.2)
         assert r.family == ("real" if r.label == 0 else "")  # family unknown without pairs.csv
-    again = read_manifest(store, build_manifest(store, cfg, "r2").key)
+    again = read_manifest(store, manifest_of(store, cfg, "r2").key)
     assert [(r.audio_key, r.image_key) for r in again] == [(r.audio_key, r.image_key) for r in rows]
 
 
@@ -116,22 +123,22 @@ def test_splits_stay_put_when_files_are_added(setup: tuple[PipelineConfig, Stora
         },
     )
     write_csv(store, first, list(rows[0]))
-    before = {r.pair_id: r.split for r in read_manifest(store, build_manifest(store, cfg, "1").key)}
+    before = {r.pair_id: r.split for r in read_manifest(store, manifest_of(store, cfg, "1").key)}
     load_into(store, everything)  # 30 more pairs, pairs.csv rewritten with all 60 rows
-    after = {r.pair_id: r.split for r in read_manifest(store, build_manifest(store, cfg, "2").key)}
+    after = {r.pair_id: r.split for r in read_manifest(store, manifest_of(store, cfg, "2").key)}
     assert len(before) == 30 and len(after) == 60
     assert {pid: after[pid] for pid in before} == before
 
     # Without pairs.csv a file keeps its split too (pairs may change partners, never splits).
     store.delete("dataset/pairs.csv")
     by_file = {}
-    for r in read_manifest(store, build_manifest(store, cfg, "3").key):
+    for r in read_manifest(store, manifest_of(store, cfg, "3").key):
         by_file[r.audio_key] = by_file[r.image_key] = r.split
     extra = generated(20, seed=32)
     load_into(
         store, {k.replace("/0000", "/x0"): v for k, v in extra.items() if k != "dataset/pairs.csv"}
     )
-    later = read_manifest(store, build_manifest(store, cfg, "4").key)
+    later = read_manifest(store, manifest_of(store, cfg, "4").key)
     assert len({r.audio_key for r in later}) == 80
     for r in later:
         for key in (r.audio_key, r.image_key):
@@ -158,7 +165,7 @@ def test_split_column_is_honoured_and_val_carved_from_train(
     for i, r in enumerate(rows):
         r["split"] = "test" if i % 4 == 0 else "train"
     write_csv(store, rows, ["audio_key", "image_key", "label", "split", "family"])
-    got = read_manifest(store, build_manifest(store, cfg, "s").key)
+    got = read_manifest(store, manifest_of(store, cfg, "s").key)
     split_by_pair = {(r.audio_key, r.image_key): r.split for r in got}
     for i, r in enumerate(rows):
         split = split_by_pair[("dataset/" + r["audio_key"], "dataset/" + r["image_key"])]
@@ -168,7 +175,7 @@ def test_split_column_is_honoured_and_val_carved_from_train(
     for i, r in enumerate(rows):  # all three given: taken as is
         r["split"] = SPLITS[i % 3]
     write_csv(store, rows, ["audio_key", "image_key", "label", "split"])
-    got = read_manifest(store, build_manifest(store, cfg, "t").key)
+    got = read_manifest(store, manifest_of(store, cfg, "t").key)
     assert sorted(r.split for r in got) == sorted(SPLITS[i % 3] for i in range(len(rows)))
 
 
@@ -185,7 +192,7 @@ def test_bad_pairs_csv_rows_are_skipped_with_their_line(
     rows[3]["audio_key"] = "dataset/" + rows[3]["audio_key"]  # root-relative keys are fine too
     rows.append(dict(rows[4]))  # duplicate
     write_csv(store, rows, ["audio_key", "image_key", "label", "family"])
-    ref = build_manifest(store, cfg, "b")
+    ref = manifest_of(store, cfg, "b")
     assert ref.n_pairs == 37
     reasons = {s["key"]: s["reason"] for s in ref.skipped}
     assert "label 'maybe'" in reasons["dataset/pairs.csv:2"]
@@ -200,7 +207,7 @@ def test_missing_column_names_the_file(tmp_path: Path, bench: dict[str, bytes]) 
     load_into(store, bench)
     write_csv(store, csv_rows(bench), ["audio_key", "image_key"])
     with pytest.raises(DataError, match=r"pairs\.csv: missing column\(s\) label"):
-        build_manifest(store, cfg, "x")
+        manifest_of(store, cfg, "x")
 
 
 def test_unusable_listed_files_are_skipped_and_reported(
@@ -211,19 +218,27 @@ def test_unusable_listed_files_are_skipped_and_reported(
     bad = listing_bad_files()
     for key, (data, _) in bad.items():
         store.write_bytes("dataset/" + key, data)
-    ref = build_manifest(store, cfg, "l")
+    ref = manifest_of(store, cfg, "l")
     reasons = {s["key"]: s["reason"] for s in ref.skipped}
     for key, (_, phrase) in bad.items():
         assert phrase in reasons["dataset/" + key], (key, reasons.get("dataset/" + key))
     assert ref.n_pairs >= 40
+    # The run's skipped-file list has one writer: the feature build, listing + decode skips.
+    assert not store.exists("outputs/manifests/l/skipped.json")
+    features = features_of(store, cfg, ref)
+    assert features.skipped_key == "outputs/manifests/l/skipped.json"
     written = json.loads(store.read_bytes("outputs/manifests/l/skipped.json"))
+    assert written["run"] == "l" and written["n_skipped"] == len(bad)
     assert {s["key"] for s in written["skipped"]} == {"dataset/" + k for k in bad}
 
 
 def test_empty_dataset_fails_with_a_clear_message(setup: tuple[PipelineConfig, Storage]) -> None:
     cfg, store = setup
-    with pytest.raises(DataError, match=r"dataset/: no usable pairs \(0 audio and 0 image"):
-        build_manifest(store, cfg, "e")
+    with pytest.raises(DataError, match=r"dataset/: no usable pairs \(0 audio and 0 image") as err:
+        manifest_of(store, cfg, "e")
+    assert "see outputs/manifests/e/skipped.json" in str(err.value)
+    written = json.loads(store.read_bytes("outputs/manifests/e/skipped.json"))
+    assert written == {"run": "e", "n_skipped": 0, "skipped": []}
 
 
 def test_a_split_without_one_class_is_fatal(tmp_path: Path, bench: dict[str, bytes]) -> None:
@@ -235,4 +250,4 @@ def test_a_split_without_one_class_is_fatal(tmp_path: Path, bench: dict[str, byt
         r["split"] = "test" if r["label"] == "1" else "train"
     write_csv(store, rows, ["audio_key", "image_key", "label", "split"])
     with pytest.raises(DataError, match="the train split has no fake pairs"):
-        build_manifest(store, cfg, "c")
+        manifest_of(store, cfg, "c")

@@ -8,41 +8,36 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image
 
-from tasks.data.features import (
-    DeepfakeDataset,
-    batches,
-    build_features,
-    feature_hash,
-    preprocess_audio,
-    preprocess_image,
-    split_dataset,
-)
-from tasks.data.manifest import build_manifest
-from tasks.data.shards import read_shard
+from config.schema import DataConfig, PipelineConfig
+from tasks.data.decode import preprocess_audio, preprocess_image
+from tasks.data.features import feature_hash
+from tasks.data.shards import DeepfakeDataset, batches, read_shard
 from tasks.errors import CorruptSample, DataError
 from tasks.io.layout import SPLITS
 from tasks.io.storage import Storage, open_storage
+from tasks.refs import FeatureRef
 from tests.unit.synthetic_data import (
     TINY_DATA,
     CountingStore,
     bad_files,
+    features_of,
     generated,
     image_bytes,
     listing_bad_files,
     load_into,
+    manifest_of,
     tiny_config,
     wav_bytes,
 )
 
 N = 32  # pairs in the generated bench
-DATA = SimpleNamespace(sample_rate=16000, clip_seconds=2.0, **TINY_DATA)
+DATA = DataConfig(sample_rate=16000, clip_seconds=2.0, **TINY_DATA)
 
 
 @pytest.fixture(scope="module")
@@ -184,10 +179,10 @@ def test_shards_hold_every_pair_and_a_rerun_is_a_cache_hit(
     for var in ("TMPDIR", "TEMP", "TMP"):
         monkeypatch.setenv(var, str(temp))
 
-    manifest = build_manifest(store, cfg, "run1")
+    manifest = manifest_of(store, cfg, "run1")
     if server is not None:
         server.requests.clear()
-    first = build_features(store, cfg, manifest)
+    first = features_of(store, cfg, manifest)
     assert not first.cache_hit and first.skipped == []
     if server is not None:  # the counter sees raw fetches: each object once
         assert server.requests.count("GET", "/dataset/") == 2 * N
@@ -198,11 +193,11 @@ def test_shards_hold_every_pair_and_a_rerun_is_a_cache_hit(
     assert all(len(first.shards[s]) == -(-sum(first.counts[s].values()) // 8) for s in SPLITS)
     assert os.listdir(work) == [] and os.listdir(temp) == []
 
-    manifest2 = build_manifest(store, cfg, "run2")
+    manifest2 = manifest_of(store, cfg, "run2")
     counting = CountingStore(store)
     if server is not None:
         server.requests.clear()
-    second = build_features(counting, cfg, manifest2)  # type: ignore[arg-type]
+    second = features_of(counting, cfg, manifest2)  # type: ignore[arg-type]
     assert second.cache_hit and second.feature_hash == first.feature_hash
     assert second.shards == first.shards and second.counts == first.counts
     assert counting.count("dataset/") == 0  # no raw object read...
@@ -216,17 +211,17 @@ def test_changed_settings_or_a_lost_shard_rebuild(tmp_path: Path, bench: dict[st
     cfg = tiny_config("local", tmp_path)
     store = open_storage(cfg.storage)
     load_into(store, bench)
-    manifest = build_manifest(store, cfg, "r")
-    first = build_features(store, cfg, manifest)
+    manifest = manifest_of(store, cfg, "r")
+    first = features_of(store, cfg, manifest)
     other = tiny_config("local", tmp_path, image_size=16)
     assert other.storage == cfg.storage
-    resized = build_features(store, other, manifest)
+    resized = features_of(store, other, manifest)
     assert not resized.cache_hit and resized.feature_hash != first.feature_hash
     store.delete(first.shards["train"][0])
-    rebuilt = build_features(store, cfg, manifest)
+    rebuilt = features_of(store, cfg, manifest)
     assert not rebuilt.cache_hit and rebuilt.feature_hash == first.feature_hash
     assert store.exists(first.shards["train"][0])
-    assert build_features(store, cfg, manifest).cache_hit
+    assert features_of(store, cfg, manifest).cache_hit
 
 
 def test_every_bad_file_is_skipped_and_reported(
@@ -247,8 +242,8 @@ def test_every_bad_file_is_skipped_and_reported(
         extra.append(f"{good[i][0]},{key},0,real,sad,sad")
     store.write_bytes("dataset/pairs.csv", (csv_text + "\n".join(extra) + "\n").encode())
 
-    manifest = build_manifest(store, cfg, "bad")
-    features = build_features(store, cfg, manifest)
+    manifest = manifest_of(store, cfg, "bad")
+    features = features_of(store, cfg, manifest)
     reasons = {s["key"]: s["reason"] for s in features.skipped}
     for key, (_, phrase) in planted.items():
         assert phrase in reasons.get("dataset/" + key, ""), (key, reasons.get("dataset/" + key))
@@ -256,7 +251,7 @@ def test_every_bad_file_is_skipped_and_reported(
     written = json.loads(store.read_bytes(features.skipped_key or ""))
     assert {s["key"] for s in written["skipped"]} >= {"dataset/" + k for k in planted}
     assert features.skipped_key == "outputs/manifests/bad/skipped.json"
-    again = build_features(store, cfg, build_manifest(store, cfg, "bad2"))
+    again = features_of(store, cfg, manifest_of(store, cfg, "bad2"))
     assert again.cache_hit and {s["key"] for s in again.skipped} == set(reasons)
 
 
@@ -264,12 +259,12 @@ def test_no_usable_pair_left_is_fatal_and_says_why(tmp_path: Path, bench: dict[s
     cfg = tiny_config("local", tmp_path)
     store = open_storage(cfg.storage)
     load_into(store, bench)
-    manifest = build_manifest(store, cfg, "r")
+    manifest = manifest_of(store, cfg, "r")
     for key in bench:
         if key.endswith(".wav"):
             store.write_bytes(key, b"RIFF" + b"\x00" * 40)  # every audio file broken
     with pytest.raises(DataError, match=f"no usable pair remains: all {N} pairs"):
-        build_features(store, cfg, manifest)
+        features_of(store, cfg, manifest)
     written = json.loads(store.read_bytes("outputs/manifests/r/skipped.json"))
     assert written["n_skipped"] == N
 
@@ -280,32 +275,44 @@ def test_a_split_losing_a_class_to_bad_files_is_fatal(
     cfg = tiny_config("local", tmp_path)
     store = open_storage(cfg.storage)
     load_into(store, bench)
-    manifest = build_manifest(store, cfg, "r")
+    manifest = manifest_of(store, cfg, "r")
     from tasks.data.manifest import read_manifest
 
     for row in read_manifest(store, manifest.key):
         if row.split == "test" and row.label == 1:
             store.write_bytes(row.image_key, b"garbage")
     with pytest.raises(DataError, match="the test split has no fake pairs"):
-        build_features(store, cfg, manifest)
+        features_of(store, cfg, manifest)
 
 
 def test_fetches_are_concurrent_but_bounded(tmp_path: Path, bench: dict[str, bytes]) -> None:
     cfg = tiny_config("local", tmp_path, fetch_concurrency=3)
     store = open_storage(cfg.storage)
     load_into(store, bench)
-    manifest = build_manifest(store, cfg, "r")
+    manifest = manifest_of(store, cfg, "r")
     counting = CountingStore(store, latency=0.02)
-    build_features(counting, cfg, manifest)  # type: ignore[arg-type]
+    features_of(counting, cfg, manifest)  # type: ignore[arg-type]
     assert counting.count("dataset/") == 2 * N
     assert 1 < counting.max_active <= 3
+
+
+def split_dataset(
+    cfg: PipelineConfig, features: FeatureRef, split: str, shuffle: bool = False
+) -> DeepfakeDataset:
+    """A `DeepfakeDataset` over one split's shards, as training and evaluation build theirs."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    n = sum(features.counts.get(split, {}).values())
+    return DeepfakeDataset(
+        cfg.storage, features.shards.get(split, []), shuffle=shuffle, seed=cfg.run.seed, n_samples=n
+    )
 
 
 def test_dataset_streams_the_shards(tmp_path: Path, bench: dict[str, bytes]) -> None:
     cfg = tiny_config("local", tmp_path)
     store = open_storage(cfg.storage)
     load_into(store, bench)
-    features = build_features(store, cfg, build_manifest(store, cfg, "r"))
+    features = features_of(store, cfg, manifest_of(store, cfg, "r"))
     train = split_dataset(cfg, features, "train", shuffle=True)
     assert isinstance(train, DeepfakeDataset)
     assert len(train) == sum(features.counts["train"].values())
@@ -326,7 +333,7 @@ def test_feature_hash_covers_content_and_settings() -> None:
     base = feature_hash([row], DATA)
     changed = PairRow("p", "train", 1, "f", "", "a.wav", 1, "e9", "i.png", 1, "e2")
     assert feature_hash([changed], DATA) != base
-    assert feature_hash([row], SimpleNamespace(**{**vars(DATA), "n_mels": 16})) != base
+    assert feature_hash([row], DATA.model_copy(update={"n_mels": 16})) != base
     assert feature_hash([row], DATA) == base
 
 

@@ -1,0 +1,209 @@
+"""Decoding: the bytes of one audio or image file -> the array the models read, in memory.
+
+    preprocess_audio   WAV/FLAC/OGG bytes, any rate and channel count -> mono, resampled to
+                       data.sample_rate, first data.clip_seconds -> log-mel (1, n_mels, spec_frames)
+                       in [-1, 1] (0 dB = the clip's loudest bin, -80 dB and below = -1)
+    preprocess_image   JPEG/PNG bytes, any mode and size -> RGB uint8 (3, S, S), S = data.image_size
+
+A file that cannot be decoded raises `CorruptSample` naming it: this is the one boundary where
+soundfile, libsndfile and PIL errors are translated. The feature build (`tasks/data/features.py`)
+catches it, skips the pair and reports the file.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+import zlib
+from functools import lru_cache
+
+import numpy as np
+import soundfile as sf
+from PIL import Image, ImageOps
+
+from config.schema import DataConfig
+from tasks.errors import CorruptSample
+
+IMAGE_FORMATS = ("JPEG", "PNG", "MPO")  # MPO: the JPEG variant some cameras write
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768_000
+TOP_DB = 80.0  # log-mel dynamic range kept below the loudest bin
+# WAV format tags libsndfile decodes; anything else is an unsupported codec.
+WAV_CODECS = {
+    0x0001: "PCM",
+    0x0002: "MS ADPCM",
+    0x0003: "IEEE float",
+    0x0006: "A-law",
+    0x0007: "mu-law",
+    0x0011: "IMA ADPCM",
+    0x0031: "GSM 6.10",
+}
+WAV_CODEC_NAMES = {
+    0x0050: "MPEG",
+    0x0055: "MPEG Layer 3",
+    0x0092: "Dolby AC-3",
+    0x0161: "Windows Media Audio",
+    0x2000: "AC-3",
+}
+WAVE_FORMAT_EXTENSIBLE = 0xFFFE
+
+
+# --------------------------------------------------------------------------------------------
+# Audio
+
+
+def preprocess_audio(data: bytes, cfg: DataConfig, where: str = "<audio>") -> np.ndarray:
+    """Decode audio bytes to a normalised log-mel, float32 (1, n_mels, spec_frames).
+
+    Raises `CorruptSample` naming `where` for anything that
+    cannot be decoded: empty, truncated, not audio, unsupported codec, absurd rate or length.
+    """
+    if not data:
+        raise CorruptSample(f"{where}: empty file (0 bytes)")
+    _check_riff_wave(data, where)
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as snd:
+            sr, frames, channels = snd.samplerate, snd.frames, snd.channels
+            if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
+                raise CorruptSample(f"{where}: absurd sample rate {sr} Hz")
+            if frames <= 0:
+                raise CorruptSample(f"{where}: holds no audio frames")
+            if frames / sr > cfg.max_audio_seconds:
+                raise CorruptSample(
+                    f"{where}: {frames / sr:.1f} s long, over data.max_audio_seconds="
+                    f"{cfg.max_audio_seconds}"
+                )
+            need = min(frames, math.ceil(cfg.clip_seconds * sr) + 1)
+            y = snd.read(need, dtype="float32", always_2d=True)  # (frames, channels)
+    except (sf.SoundFileError, RuntimeError, ValueError, TypeError, EOFError) as exc:
+        raise CorruptSample(f"{where}: not a readable audio file ({_short(exc)})") from exc
+    if len(y) < need:
+        raise CorruptSample(f"{where}: truncated: header says {frames} frames, read {len(y)}")
+    if not np.all(np.isfinite(y)):
+        raise CorruptSample(f"{where}: holds NaN or infinite samples")
+    mono = y.mean(axis=1) if channels > 1 else y[:, 0]
+    return log_mel(mono, sr, cfg)
+
+
+def log_mel(y: np.ndarray, sr: int, cfg: DataConfig) -> np.ndarray:
+    """Mono waveform at `sr` -> log-mel (1, n_mels, spec_frames) in [-1, 1], float32."""
+    import librosa
+
+    if sr != cfg.sample_rate:
+        y = librosa.resample(y, orig_sr=sr, target_sr=cfg.sample_rate)
+    clip = int(round(cfg.clip_seconds * cfg.sample_rate))
+    y = np.pad(y[:clip], (0, max(0, clip - len(y))))
+    n_fft, hop = mel_params(cfg)
+    spec = np.abs(librosa.stft(y, n_fft=n_fft, hop_length=hop, center=True)) ** 2
+    mel = _mel_basis(cfg.sample_rate, n_fft, cfg.n_mels) @ spec[:, : cfg.spec_frames]
+    mel = np.pad(mel, ((0, 0), (0, max(0, cfg.spec_frames - mel.shape[1]))))
+    peak = float(mel.max())
+    if peak <= 1e-10:  # digital silence
+        return np.full((1, cfg.n_mels, cfg.spec_frames), -1.0, dtype=np.float32)
+    db = 10.0 * np.log10(np.maximum(mel, peak * 10 ** (-TOP_DB / 10)) / peak)  # [-80, 0]
+    # The clip makes the documented range hold by construction: log10 and the division round
+    # differently with each CPU's float kernels (AVX-512 or not), by an ulp either side.
+    scaled = np.clip(db / (TOP_DB / 2) + 1.0, -1.0, 1.0)
+    return scaled.astype(np.float32)[None]  # (1, n_mels, spec_frames)
+
+
+def mel_params(cfg: DataConfig) -> tuple[int, int]:
+    """(n_fft, hop): spec_frames hops span clip_seconds; the window covers at least two hops."""
+    clip = int(round(cfg.clip_seconds * cfg.sample_rate))
+    hop = max(1, clip // cfg.spec_frames)
+    n_fft = max(1024, 1 << math.ceil(math.log2(2 * hop)))
+    return n_fft, hop
+
+
+@lru_cache(maxsize=8)
+def _mel_basis(sr: int, n_fft: int, n_mels: int) -> np.ndarray:
+    import librosa
+
+    return np.asarray(librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels), dtype=np.float32)
+
+
+def _check_riff_wave(data: bytes, where: str) -> None:
+    """For RIFF/WAVE: refuse codecs libsndfile cannot decode and data chunks cut short.
+
+    libsndfile silently reads what is there of a truncated file, so the chunk sizes are checked
+    here against the bytes actually present.
+    """
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk_id, size = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
+        body = pos + 8
+        if chunk_id == b"fmt " and size >= 2 and body + 2 <= len(data):
+            tag = struct.unpack("<H", data[body : body + 2])[0]
+            if tag == WAVE_FORMAT_EXTENSIBLE and size >= 26 and body + 26 <= len(data):
+                tag = struct.unpack("<H", data[body + 24 : body + 26])[0]
+            if tag not in WAV_CODECS:
+                name = WAV_CODEC_NAMES.get(tag, "unknown")
+                raise CorruptSample(
+                    f"{where}: unsupported WAV codec 0x{tag:04X} ({name}); "
+                    f"supported: {', '.join(WAV_CODECS.values())}"
+                )
+        elif chunk_id == b"data":
+            present = len(data) - body
+            if size not in (0, 0xFFFFFFFF) and size > present:
+                raise CorruptSample(
+                    f"{where}: truncated: the data chunk declares {size} bytes, {present} present"
+                )
+            return
+        pos = body + size + (size & 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+
+
+def preprocess_image(data: bytes, cfg: DataConfig, where: str = "<image>") -> np.ndarray:
+    """Decode image bytes to RGB uint8 (3, S, S), S = cfg.image_size.
+
+    The pixel count is checked from the header before any pixel is decoded, so a decompression
+    bomb costs nothing. Raises `CorruptSample` naming `where`.
+    """
+    if not data:
+        raise CorruptSample(f"{where}: empty file (0 bytes)")
+    size = cfg.image_size
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > cfg.max_image_pixels:
+            raise CorruptSample(
+                f"{where}: {w}x{h} = {w * h} pixels, over data.max_image_pixels="
+                f"{cfg.max_image_pixels} (refused as a possible decompression bomb)"
+            )
+        if img.format not in IMAGE_FORMATS:
+            raise CorruptSample(
+                f"{where}: {img.format} image; only {', '.join(IMAGE_FORMATS[:2])} are supported"
+            )
+        if img.format in ("JPEG", "MPO"):
+            img.draft("RGB", (size, size))  # decode at a reduced scale when much larger
+        img.load()
+        rgb = _to_rgb(ImageOps.exif_transpose(img))
+        out = rgb.resize((size, size), Image.Resampling.BILINEAR)
+    except Image.DecompressionBombError as exc:
+        raise CorruptSample(f"{where}: refused as a decompression bomb ({_short(exc)})") from exc
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error) as exc:
+        raise CorruptSample(f"{where}: not a readable image ({_short(exc)})") from exc
+    arr = np.asarray(out, dtype=np.uint8)  # (S, S, 3)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, S, S)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; 16-bit greyscale is scaled, not clipped."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if img.mode == "F":
+            top = max(float(arr.max()), 1e-12)
+        grey = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return img.convert("RGB")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).replace("<_io.BytesIO object at ", "<").strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
