@@ -1,7 +1,7 @@
 """Metrics of a real/fake detector on held-out data: pure functions on numpy arrays.
 
 Every function takes `y_true` (1 = fake, 0 = real) and `y_score` (the model's probability of
-fake, in [0, 1]) and checks them first. The one place sklearn is used (STYLE.md). Conventions:
+fake, in [0, 1]) and checks them first. The one module that imports sklearn. Conventions:
 
     threshold     a score at or above it is called fake
     confusion     [[tn, fp], [fn, tp]] (rows: true real, true fake; columns: called real, fake)

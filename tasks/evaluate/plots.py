@@ -1,4 +1,4 @@
-"""The 19 plots of a run (DESIGN.md, Data flow 5), as `matplotlib.figure.Figure` objects.
+"""The 19 plots of a run (the evaluation step draws them all), as `matplotlib.figure.Figure`s.
 
 No pyplot state: every figure is built on its own Agg canvas, so drawing is thread-safe and
 leaves nothing behind. Each has a title, labelled axes and a legend where it draws more than one

@@ -42,7 +42,7 @@ def _file_mode() -> int:
 
 
 CHUNK = 1 << 20  # bytes per streamed chunk
-# The "folders" created under outputs/ at set-up (DESIGN.md, bucket layout).
+# The "folders" created under outputs/ at set-up (every kind of product has its own).
 OUTPUT_FOLDERS = (
     "models/",
     "plots/",
