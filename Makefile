@@ -1,54 +1,93 @@
 # Two commands do everything on a fresh machine with Python 3.11:
-#   make run    create the virtual environment if missing, install, run the pipeline on the demo
-#   make test   same set-up, then the whole test suite (unit and end-to-end)
+#   make run    create the virtual environment if missing, install the runtime requirements and the
+#               project, run the pipeline on the demo
+#   make test   same set-up plus the development tools, then the whole test suite
+# Every version, transitive ones included, comes from requirements.lock (make lock regenerates it).
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip
+LOCK := requirements.lock
+RUN_STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
 CONFIG ?= config/demo.yaml
 PYTEST_ARGS ?=
 
 export PREFECT_LOGGING_EXTRA_LOGGERS ?= tasks,models,config,flows
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test venv lint clean bench evaluate stack-up stack-down
+.PHONY: run test venv lint clean bench evaluate stack-up stack-down lock check-lock
 
-# Reinstall when either requirements file changes.
-$(STAMP): requirements.txt requirements-dev.txt
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
-	@touch $(STAMP)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
 
-venv: $(STAMP)
+# Runtime: requirements.txt and the project itself (editable, so its console scripts exist and any
+# python of the venv imports it from this checkout), at the versions of the lock.
+$(RUN_STAMP): requirements.txt $(LOCK) pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet -r requirements.txt -c $(LOCK)
+	$(PIP) install --quiet --no-deps -e .
+	$(BIN)/python scripts/check_lock.py --lock $(LOCK)
+	@touch $@
 
-run: $(STAMP)
+# Development tools on top (moto, SeaweedFS, pytest, ruff, mypy): after `make run` this adds only
+# them; the runtime packages stay as they are.
+$(DEV_STAMP): $(RUN_STAMP) requirements-dev.txt
+	$(PIP) install --quiet -r requirements-dev.txt -c $(LOCK)
+	$(BIN)/python scripts/check_lock.py --lock $(LOCK)
+	@touch $@
+
+venv: $(DEV_STAMP)
+
+run: $(RUN_STAMP)
 	$(BIN)/python -m flows.train_all_fusions --config $(CONFIG)
 
 # Re-evaluate a finished run from the bucket alone (RUN=<id>; default: the newest run).
-evaluate: $(STAMP)
+evaluate: $(RUN_STAMP)
 	$(BIN)/python -m flows.evaluate --config $(CONFIG) $(if $(RUN),--run $(RUN),)
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Does the environment hold exactly the lock's versions? (The installs above check it too.)
+check-lock: | $(BIN)/python
+	$(BIN)/python scripts/check_lock.py --lock $(LOCK)
+
+# Regenerate requirements.lock from requirements.txt + requirements-dev.txt with pip-tools, run
+# from a throwaway environment. Existing pins are kept where they still fit; to move everything to
+# the newest versions: make lock LOCK_ARGS=--upgrade (or --upgrade-package NAME). pip's local
+# indexes and find-links are not written, and comment lines naming local paths are dropped.
+PIP_TOOLS ?= pip-tools==7.6.2
+LOCK_ARGS ?=
+lock:
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PYTHON) -m venv "$$tmp/venv" && \
+	"$$tmp/venv/bin/python" -m pip install --quiet --upgrade pip '$(PIP_TOOLS)' && \
+	{ test ! -f $(LOCK) || cp $(LOCK) "$$tmp/lock"; } && \
+	CUSTOM_COMPILE_COMMAND="make lock" "$$tmp/venv/bin/pip-compile" --quiet --allow-unsafe \
+	  --strip-extras --no-emit-index-url --no-emit-find-links $(LOCK_ARGS) \
+	  --output-file "$$tmp/lock" requirements.txt requirements-dev.txt && \
+	grep -vE '^\s*#.*(file:|/opt/|/etc/|/tmp/|$(CURDIR))' "$$tmp/lock" > "$$tmp/clean" && \
+	if grep -nE 'file:|/opt/|/etc/|/tmp/|$(CURDIR)|^-' "$$tmp/clean"; then \
+	  echo "make lock: the lock above names local paths or pip options" >&2; exit 1; fi && \
+	cp "$$tmp/clean" $(LOCK) && echo "wrote $(LOCK): $$(grep -c '^[A-Za-z]' $(LOCK)) pins"
 
 # Local production-like stack (scripts/stack.py): Prefect server + UI on 127.0.0.1:4200, a process
 # worker, SeaweedFS S3 on 127.0.0.1:8333 with the generated benchmark, every deployment of
 # prefect.yaml. Ports and more: make stack-up STACK_ARGS="--prefect-port 4300 --workers 2".
 STACK_DIR ?= .stack
 STACK_ARGS ?=
-stack-up: $(STAMP)
+stack-up: $(DEV_STAMP)
 	$(BIN)/python -m scripts.stack up --dir $(STACK_DIR) $(STACK_ARGS)
 
 stack-down:
 	$(BIN)/python -m scripts.stack down --dir $(STACK_DIR)
 
 # Preprocessing throughput ratios (concurrent vs sequential fetch, cache hit vs miss).
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(BIN)/python -m benchmarks.bench_preprocess
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff format --check . && $(BIN)/ruff check . && $(BIN)/mypy tasks config models
 
 clean:

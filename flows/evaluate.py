@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from flows.common import run_cli
-from flows.evaluate_models import evaluate_models, main, parser
+from flows.evaluate_models import cli, evaluate_models, main, parser
 
-__all__ = ["evaluate_models", "main", "parser"]
+__all__ = ["cli", "evaluate_models", "main", "parser"]
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, parser()))
+    sys.exit(cli())

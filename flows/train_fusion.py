@@ -59,5 +59,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def cli() -> int:
+    """The `deepfake-train-fusion` console script: parse sys.argv, run, return the exit code."""
+    return run_cli(main, parser())
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, parser()))
+    sys.exit(cli())

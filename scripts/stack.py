@@ -272,7 +272,7 @@ def _start_services(settings: StackSettings, state: StackState) -> None:
 
 def start_worker(state: StackState, settings: StackSettings, name: str) -> Proc:
     """`prefect worker start --pool <pool>` named `name`; also restarts a worker that died."""
-    env = dict(state.client_env(), PYTHONPATH=str(settings.project_dir))
+    env = state.client_env()  # the venv's prefect; the project is installed there
     if settings.worker_poll_s is not None:
         env["PREFECT_WORKER_QUERY_SECONDS"] = str(settings.worker_poll_s)
     argv = ["prefect", "worker", "start", "--pool", state.pool, "--type", "process"]
@@ -545,7 +545,7 @@ def load_dataset(settings: StackSettings, state: StackState, env: Mapping[str, s
         argv += ["--n", str(settings.dataset_pairs)]
     run_cli(
         argv,
-        dict(env, PYTHONPATH=str(settings.project_dir)),
+        env,  # the venv's python, which has the project installed
         Path(state.root) / "logs" / "dataset.log",
         cwd=settings.project_dir,
     )
@@ -889,5 +889,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """The `deepfake-stack` console script: parse sys.argv, run, return the exit code."""
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -91,6 +91,7 @@ def test_pull_step_sets_the_project_directory():
     for dep in spec["deployments"]:
         env = dep["work_pool"]["job_variables"]["env"]
         assert env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "tasks,models,config,flows"
+        assert "PYTHONPATH" not in env  # workers' venvs have the project installed
         assert "name" not in dep["work_pool"]  # the pool comes from PREFECT_DEFAULT_WORK_POOL_NAME
 
 
@@ -242,8 +243,8 @@ def test_env_template_holds_settings_and_no_secrets():
         "PREFECT_API_URL",
         "PREFECT_DEFAULT_WORK_POOL_NAME",
         "PREFECT_LOGGING_EXTRA_LOGGERS",
-        "PYTHONPATH",
     } <= keys
+    assert "PYTHONPATH" not in keys  # the project is installed in the worker's venv
     assert not keys & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
 
 
@@ -259,9 +260,11 @@ def test_cloud_init_installs_the_project_and_starts_the_unit(tmp_path):
         "deployments/prefect-worker.service",
         "deployments/create-work-pool.sh",
         "requirements.txt",
+        "requirements.lock",
     ):
         assert used in script and (ROOT / used).exists()
     assert "systemctl enable prefect-worker" in script and "pip install" in script
+    assert 'pip install --quiet --no-deps -e "$INSTALL_DIR"' in script  # the project itself
     assert ["/usr/local/sbin/install-deepfake-worker"] in data["runcmd"]
     worker_env = env_keys(files["/etc/deepfake-detector/worker.env"])
     assert worker_env == env_keys((DEPLOY / "worker.env.example").read_text())
