@@ -84,7 +84,7 @@ def main() -> None:
         store = open_storage(cfg.storage)
         layout = Layout.from_config(cfg.storage)
         make_dataset.generate(store, layout, args.pairs, seed=7)
-        ref = manifest.build_manifest(store, cfg, "bench")
+        ref = manifest.build_manifest(store, layout, cfg.data, cfg.run.seed, "bench")
         cache = f"{layout.outputs}cache/"
 
         results: dict[str, list[float]] = {"sequential": [], "concurrent": [], "cache_hit": []}
@@ -92,8 +92,10 @@ def main() -> None:
             for name, conc in (("sequential", 1), ("concurrent", 8)):
                 clear_cache(store, cache)
                 results[name].append(timed(lambda c=conc: preprocess.build_features(
-                    store, config(c), ref)))  # fmt: skip
-            results["cache_hit"].append(timed(lambda: preprocess.build_features(store, cfg, ref)))
+                    store, layout, config(c).data, ref)))  # fmt: skip
+            results["cache_hit"].append(
+                timed(lambda: preprocess.build_features(store, layout, cfg.data, ref))
+            )
     finally:
         server.stop()
 

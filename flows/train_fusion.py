@@ -15,11 +15,11 @@ from prefect import flow, get_run_logger
 
 from config import load_config
 from flows.common import base_parser, enable_project_logging, run_cli
+from flows.steps import build_features, build_manifest, set_up_folders, train_fusion_task
 from models import FUSIONS
 from tasks.errors import ConfigError
-from tasks.layout import new_run_id
+from tasks.io.layout import new_run_id
 from tasks.refs import TrainedRef
-from tasks.steps import build_features, build_manifest, set_up_folders, train_fusion_task
 
 
 @flow(name="train-fusion", log_prints=False)

@@ -8,7 +8,7 @@
   1. `prefect server start` (SQLite under <dir>/prefect-home, 127.0.0.1, analytics off) and
      `weed server -s3` (data under <dir>/seaweedfs, 127.0.0.1, telemetry off), side by side;
   2. waits for both to answer, creates the bucket, loads the generated benchmark into it
-     (`python -m tasks.make_dataset`) unless dataset/ already holds objects;
+     (`python -m tasks.data.synthetic`) unless dataset/ already holds objects;
   3. `prefect work-pool create <pool> --type process --overwrite`;
   4. `prefect worker start --pool <pool>` (one or more), waits until they are online;
   5. `prefect --no-prompt deploy --all` from the repository root.
@@ -533,12 +533,12 @@ def load_dataset(settings: StackSettings, state: StackState, env: Mapping[str, s
     listed = s3_client(state).list_objects_v2(Bucket=state.bucket, Prefix=prefix, MaxKeys=1)
     if listed.get("KeyCount", 0):
         return f"already there (s3://{state.bucket}/{prefix})"
-    if not (settings.project_dir / "tasks" / "make_dataset.py").exists():
+    if not (settings.project_dir / "tasks" / "data" / "synthetic.py").exists():
         log.warning(
-            "tasks/make_dataset.py is missing: s3://%s/%s stays empty", state.bucket, prefix
+            "tasks/data/synthetic.py is missing: s3://%s/%s stays empty", state.bucket, prefix
         )
-        return "not loaded (tasks/make_dataset.py missing)"
-    argv = ["python", "-m", "tasks.make_dataset", "--config", settings.dataset_config]
+        return "not loaded (tasks/data/synthetic.py missing)"
+    argv = ["python", "-m", "tasks.data.synthetic", "--config", settings.dataset_config]
     for item in overrides:
         argv += ["--set", item]
     if settings.dataset_pairs is not None:

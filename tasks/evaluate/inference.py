@@ -101,6 +101,6 @@ def predict(
 
 def load_fusion_model(store: Storage, key: str) -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode, metadata) of the `model.pt` at `key`; refuses anything but weights."""
-    from tasks.train.fit import load_model  # the model-file format lives with the trainer
+    from tasks.train.checkpoint import load_model  # the model-file format lives with training
 
     return load_model(store.read_bytes(key), store.uri(key))

@@ -95,7 +95,7 @@ STAGES: dict[str, Stage] = {
         loggers=("tasks.train.fit",),
     ),
     "evaluation": Stage(
-        tasks=("evaluate-and-publish",),
+        tasks=("evaluate", "publish-report"),
         objects=(
             (f"outputs/reports/{RUN}/report.html", 1),
             (f"outputs/reports/{RUN}/metrics.json", 1),
