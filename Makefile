@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 export PREFECT_LOGGING_EXTRA_LOGGERS ?= tasks,models,config,flows
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test venv lint clean bench evaluate stack-up stack-down lock check-lock
+.PHONY: run test test-fast venv lint clean bench evaluate stack-up stack-down lock check-lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ evaluate: $(RUN_STAMP)
 
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The inner loop: the unit tier only (no Prefect run, no subprocess, no multi-epoch training).
+test-fast: $(DEV_STAMP)
+	$(BIN)/python -m pytest tests/unit -m "not slow" -q $(PYTEST_ARGS)
 
 # Does the environment hold exactly the lock's versions? (The installs above check it too.)
 check-lock: | $(BIN)/python
