@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 export PREFECT_LOGGING_EXTRA_LOGGERS ?= tasks,models,config,flows
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test test-fast venv lint clean bench evaluate stack-up stack-down lock check-lock
+.PHONY: run test test-fast venv lint clean bench quality evaluate stack-up stack-down lock check-lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +90,13 @@ stack-down:
 # Preprocessing throughput ratios (concurrent vs sequential fetch, cache hit vs miss).
 bench: $(DEV_STAMP)
 	$(BIN)/python -m benchmarks.bench_preprocess
+
+# Detection quality of the three fusions on the synthetic benchmark, through the pipeline itself
+# (benchmarks/README.md; hours on a small CPU machine). Not part of `make test`.
+# make quality QUALITY_ARGS="--sizes demo --seeds 0 --no-ablation"
+QUALITY_ARGS ?=
+quality: $(RUN_STAMP)
+	$(BIN)/python -m benchmarks.quality $(QUALITY_ARGS)
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff format --check . && $(BIN)/ruff check . && $(BIN)/mypy tasks config models
