@@ -137,7 +137,14 @@ class MemoryConfig(Section):
 
 
 class EvaluationConfig(Section):
-    threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5  # score at or above = fake
+    # Fixed threshold: a calibrated score at or above it is fake; metrics.json reports it beside
+    # the operating point fitted on validation (and it stands in for model files without one).
+    threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    # How training fits each model's decision threshold on the validation split (after fitting a
+    # temperature): "eer" = where false-positive and false-negative rates meet, "fpr" = the
+    # lowest threshold whose validation false-positive rate is at most target_fpr.
+    operating_point: Literal["eer", "fpr"] = "eer"
+    target_fpr: Fraction = 0.01  # the false-positive budget of operating_point "fpr"
     calibration_bins: PositiveInt = 10  # bins of the reliability diagram and ECE
     # Inference device for the test split. The CPU gives bit-identical scores run after run, so
     # `python -m flows.evaluate` reproduces a run's metrics.json exactly; auto = CUDA when present.

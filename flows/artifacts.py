@@ -1,7 +1,9 @@
 """Prefect artifacts of an evaluation: what the UI's Artifacts page shows for each run.
 
-    evaluation-summary     markdown: the headline metrics table and links to the report,
-                           metrics.json, every plot and the models in the bucket
+    evaluation-summary     markdown: the headline metrics table, each fusion's fitted operating
+                           point (threshold, rule, temperature) and its test metrics beside
+                           those at the fixed threshold, links to the report, metrics.json,
+                           every plot and the models in the bucket
     evaluation-metrics     table: every metric, one row per fusion
     plot-<name>            image: the key plots (KEY_PLOTS)
 
@@ -13,7 +15,8 @@ after run series. Links come from `Storage.link`: presigned URLs on S3 (they exp
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from prefect.artifacts import (
     create_image_artifact,
@@ -22,6 +25,7 @@ from prefect.artifacts import (
 )
 
 from tasks.evaluate.metrics import HEADLINE, METRIC_NAMES
+from tasks.io import records
 from tasks.io.storage import Storage
 from tasks.refs import EvaluationRef, TrainedRef
 
@@ -56,8 +60,37 @@ def _md_link(text: str, href: str) -> str:
     return f"[{text.replace(']', ')')}]({href.replace(' ', '%20').replace(')', '%29')})"
 
 
-def summary_markdown(store: Storage, ref: EvaluationRef, trained: Sequence[TrainedRef]) -> str:
-    """The markdown artifact: headline table, then links into the bucket."""
+def operating_point_lines(doc: Mapping[str, Any]) -> list[str]:
+    """The fitted thresholds of metrics.json as a markdown table (empty: it has none)."""
+    fusions = {f: v for f, v in doc.get("fusions", {}).items() if "operating_point" in v}
+    if not fusions:
+        return []
+    lines = [
+        f"Operating points fitted on validation (fixed threshold {doc['threshold']}: "
+        "balanced acc. and F1 in brackets).",
+        "",
+        "| fusion | threshold | rule | temperature | balanced acc. | F1 (fake) | FPR | TPR |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for f, v in fusions.items():
+        op, at, fixed = v["operating_point"], v["metrics_at_operating_point"], v["metrics"]
+        rule = op["rule"] if op["target_fpr"] is None else f"{op['rule']} <= {op['target_fpr']}"
+        lines.append(
+            f"| {f} | {op['threshold']:.4f} | {rule} | {op['temperature']:.4f} | "
+            f"{at['balanced_accuracy']:.4f} ({fixed['balanced_accuracy']:.4f}) | "
+            f"{at['f1']:.4f} ({fixed['f1']:.4f}) | {at['fpr']:.4f} | {at['tpr']:.4f} |"
+        )
+    return ["", *lines]
+
+
+def summary_markdown(
+    store: Storage,
+    ref: EvaluationRef,
+    trained: Sequence[TrainedRef],
+    doc: Mapping[str, Any] | None = None,
+) -> str:
+    """The markdown artifact: headline table, the fitted operating points (from `doc`, the
+    run's metrics.json), then links into the bucket."""
     fusions = list(ref.metrics)
     head = "| fusion | " + " | ".join(_LABELS[m] for m in HEADLINE) + " |"
     rule = "|---|" + "---:|" * len(HEADLINE)
@@ -79,6 +112,7 @@ def summary_markdown(store: Storage, ref: EvaluationRef, trained: Sequence[Train
         head,
         rule,
         *rows,
+        *operating_point_lines(doc or {}),
         "",
         f"**Report:** {_md_link('report.html', store.link(ref.report_key))} · "
         f"**Metrics:** {_md_link('metrics.json', store.link(ref.metrics_key))}",
@@ -114,8 +148,11 @@ def publish_artifacts(
 ) -> list[str]:
     """Create the summary, table and key-plot artifacts in the current flow run; returns keys."""
     description = f"run {ref.run}"
+    doc = records.read_json(store, ref.metrics_key)
     create_markdown_artifact(
-        markdown=summary_markdown(store, ref, trained), key=SUMMARY_KEY, description=description
+        markdown=summary_markdown(store, ref, trained, doc if isinstance(doc, dict) else None),
+        key=SUMMARY_KEY,
+        description=description,
     )
     create_table_artifact(table=metrics_table(ref), key=TABLE_KEY, description=description)
     keys = [SUMMARY_KEY, TABLE_KEY]

@@ -33,7 +33,8 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 class Predictions:
     """Per-sample outputs of a model over a dataset (numpy, in dataset order)."""
 
-    score: np.ndarray  # (N,) float32 in [0, 1], probability of fake
+    score: np.ndarray  # (N,) float32 in [0, 1], probability of fake: sigmoid(logit)
+    logit: np.ndarray  # (N,) float32 raw logit (temperature scaling works on it)
     label: np.ndarray  # (N,) int64, 1 = fake
     audio_emb: np.ndarray  # (N, D) float32
     image_emb: np.ndarray  # (N, D) float32
@@ -80,6 +81,7 @@ def collect(parts: list[tuple[dict[str, Any], FusionOutput]]) -> Predictions:
         raise DataError("no samples to predict on")
     return Predictions(
         score=torch.cat([o.score for _, o in parts]).cpu().numpy(),
+        logit=torch.cat([o.logit for _, o in parts]).cpu().numpy(),
         label=torch.cat([b["label"] for b, _ in parts]).numpy().astype(np.int64),
         audio_emb=torch.cat([o.audio_emb for _, o in parts]).cpu().numpy(),
         image_emb=torch.cat([o.image_emb for _, o in parts]).cpu().numpy(),

@@ -58,6 +58,17 @@ METRIC_NAMES = (
     "brier",
     "ece",
 )
+# The metrics of one decision threshold (`threshold_metrics`), in the order tables show them.
+THRESHOLD_METRIC_NAMES = (
+    "accuracy",
+    "balanced_accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "mcc",
+    "fpr",
+    "tpr",
+)
 # What the summary tables and artifacts show (the rest is in metrics.json and the report).
 HEADLINE = ("roc_auc", "eer", "accuracy", "balanced_accuracy", "f1", "average_precision", "ece")
 
@@ -170,6 +181,31 @@ def calculate_metrics(
         "ece": expected_calibration_error(y, s, n_bins),
     }
     return {name: out[name] for name in METRIC_NAMES}
+
+
+def threshold_metrics(y_true: Any, y_score: Any, threshold: float) -> dict[str, Any]:
+    """THRESHOLD_METRIC_NAMES and the confusion matrix when a score >= `threshold` is called
+    fake; any finite threshold (a fitted one may lie just above every score)."""
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold}")
+    y, s = check_inputs(y_true, y_score)
+    pred = (s >= threshold).astype(np.int64)
+    p, r, f, _ = precision_recall_fscore_support(y, pred, labels=[REAL, FAKE], zero_division=0.0)
+    (tn, fp), (fn, tp) = confusion(y, s, threshold)
+    out = {
+        "accuracy": float(np.mean(pred == y)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "precision": float(p[FAKE]),
+        "recall": float(r[FAKE]),
+        "f1": float(f[FAKE]),
+        "mcc": float(matthews_corrcoef(y, pred)),
+        "fpr": fp / (fp + tn),
+        "tpr": tp / (tp + fn),
+    }
+    return {
+        **{name: out[name] for name in THRESHOLD_METRIC_NAMES},
+        "confusion": [[tn, fp], [fn, tp]],
+    }
 
 
 def family_metrics(

@@ -10,6 +10,14 @@
                                                      decisions (when the run has them)
     score_model(store, storage_cfg, model_key, features, device) -> Predictions
         one model file scored on the test split (the evaluation, and champion re-scoring)
+    operating_point(store, model_key, metadata, ev) -> OperatingPoint
+        the temperature and threshold the model file carries (fitted on validation by training);
+        a file without one is scored at temperature 1 and `evaluation.threshold` (rule "fixed")
+
+Each fusion's test scores are the calibrated ones, sigmoid(logit / temperature); metrics.json
+holds the metrics at the fixed `evaluation.threshold` ("metrics", "confusion", "families") and at
+the fitted point ("operating_point", "metrics_at_operating_point"). Temperature scaling is
+monotonic, so the ranking metrics (ROC-AUC, AP, EER) do not depend on it.
 
 `refs.json` is written first, so `python -m flows.evaluate --run RUN` can redo the evaluation from
 the bucket alone: it names the feature shards of the test split, the model files and the run's
@@ -35,6 +43,12 @@ from tasks.data.shards import DeepfakeDataset
 from tasks.errors import DataError, ObjectNotFound
 from tasks.evaluate import inference, plots
 from tasks.evaluate import metrics as evaluation
+from tasks.evaluate.calibration import (
+    OperatingPoint,
+    calibrated_scores,
+    fixed_point,
+    operating_point_of,
+)
 from tasks.evaluate.report import render_report
 from tasks.io import records
 from tasks.io.layout import FAKE, REAL, Layout
@@ -156,9 +170,20 @@ def score_model(
     device: torch.device,
 ) -> inference.Predictions:
     """Load the model at `model_key` (weights only, never pickled code); score the test split."""
+    return score_model_file(store, storage_cfg, model_key, features, device)[0]
+
+
+def score_model_file(
+    store: Storage,
+    storage_cfg: StorageConfig,
+    model_key: str,
+    features: FeatureRef,
+    device: torch.device,
+) -> tuple[inference.Predictions, dict[str, Any]]:
+    """`score_model`, with the model file's metadata (its operating point, when it has one)."""
     if not features.shards.get("test"):
         raise DataError(f"{features.prefix}: the test split has no feature shards to evaluate on")
-    model, _meta = inference.load_fusion_model(store, model_key)
+    model, meta = inference.load_fusion_model(store, model_key)
     expected = sum(features.counts.get("test", {}).values())
     dataset = DeepfakeDataset(
         storage_cfg, features.shards.get("test", []), shuffle=False, n_samples=expected
@@ -171,7 +196,26 @@ def score_model(
             len(predictions.score),
             expected,
         )
-    return predictions
+    return predictions, meta
+
+
+def operating_point(
+    store: Storage, model_key: str, metadata: Mapping[str, Any], ev: EvaluationConfig
+) -> OperatingPoint:
+    """The model file's fitted operating point, or `ev.threshold` at temperature 1 (rule
+    "fixed") for a file from before operating points."""
+    try:
+        point = operating_point_of(dict(metadata), ev.threshold)
+    except ValueError as exc:
+        raise DataError(f"{store.uri(model_key)}: unreadable operating point ({exc})") from exc
+    log.info(
+        "%s: operating point %s, threshold %.4f, temperature %.4f",
+        store.uri(model_key),
+        point.rule,
+        point.threshold,
+        point.temperature,
+    )
+    return point
 
 
 # --- metrics -----------------------------------------------------------------------------------
@@ -186,25 +230,51 @@ def _check_classes(fusion: str, label: np.ndarray, run: str) -> None:
             )
 
 
+def points_or_fixed(
+    ev: EvaluationConfig,
+    fusions: Sequence[str],
+    points: Mapping[str, OperatingPoint] | None,
+) -> dict[str, OperatingPoint]:
+    """Each fusion's operating point; a fusion without one gets the fixed `ev.threshold`."""
+    given = points or {}
+    return {f: given.get(f) or fixed_point(ev.threshold) for f in fusions}
+
+
+def calibrated_test(
+    predictions: Mapping[str, inference.Predictions], points: Mapping[str, OperatingPoint]
+) -> dict[str, np.ndarray]:
+    """Each fusion's calibrated test scores: sigmoid(logit / temperature), float64."""
+    return {f: calibrated_scores(predictions[f].logit, points[f].temperature) for f in points}
+
+
 def metrics_document(
     run: str,
     ev: EvaluationConfig,
     features: FeatureRef,
     trained: Sequence[TrainedRef],
     predictions: Mapping[str, inference.Predictions],
+    points: Mapping[str, OperatingPoint] | None = None,
 ) -> dict[str, Any]:
-    """The content of metrics.json: only inputs and results, no clock, so reruns match exactly."""
+    """The content of metrics.json: only inputs and results, no clock, so reruns match exactly.
+    `points`: each fusion's operating point (missing: the fixed `ev.threshold`, temperature 1)."""
+    ops = points_or_fixed(ev, [t.fusion for t in trained], points)
+    scores = calibrated_test(predictions, ops)
     fusions: dict[str, Any] = {}
     for t in trained:
         p = predictions[t.fusion]
         label = np.asarray(p.label).astype(np.int64)
         _check_classes(t.fusion, label, run)
+        op = ops[t.fusion]
         fusions[t.fusion] = {
             "model_key": t.model_key,
             "epochs": t.epochs,
             "best_epoch": t.best_epoch,
             **evaluation.evaluate_scores(
-                label, p.score, list(map(str, p.family)), ev.threshold, ev.calibration_bins
+                label, scores[t.fusion], list(map(str, p.family)), ev.threshold, ev.calibration_bins
+            ),
+            "operating_point": op.as_dict(),
+            "metrics_at_operating_point": evaluation.threshold_metrics(
+                label, scores[t.fusion], op.threshold
             ),
         }
     return {
@@ -284,11 +354,12 @@ def plot_inputs(
     run: str,
     doc: Mapping[str, Any],
     predictions: Mapping[str, inference.Predictions],
+    scores: Mapping[str, np.ndarray],
 ) -> plots.PlotInputs:
-    """Gather what the plots draw: test-split results, and the run's logs and vectors."""
+    """Gather what the plots draw: test-split results (`scores`: the calibrated test scores),
+    and the run's logs and vectors."""
     fusions = list(doc["fusions"])
     labels = {f: np.asarray(predictions[f].label).astype(np.int64) for f in fusions}
-    scores = {f: np.asarray(predictions[f].score, dtype=np.float64) for f in fusions}
     return plots.PlotInputs(
         history={f: records.read_jsonl(store, layout.epoch_log(f, run)) for f in fusions},
         steps={f: records.read_jsonl(store, layout.step_log(f, run)) for f in fusions},
@@ -330,10 +401,13 @@ def evaluate_run(
         raise DataError(f"run {run}: no trained models to evaluate")
     save_refs(store, layout, run, cfg, features, trained, manifest)
     device = inference.pick_device(cfg.evaluation.device)
-    predictions = {
-        t.fusion: score_model(store, cfg.storage, t.model_key, features, device) for t in trained
-    }
-    return write_evaluation(cfg, store, layout, run, features, trained, predictions)
+    predictions: dict[str, inference.Predictions] = {}
+    points: dict[str, OperatingPoint] = {}
+    for t in trained:
+        preds, meta = score_model_file(store, cfg.storage, t.model_key, features, device)
+        predictions[t.fusion] = preds
+        points[t.fusion] = operating_point(store, t.model_key, meta, cfg.evaluation)
+    return write_evaluation(cfg, store, layout, run, features, trained, predictions, points)
 
 
 def write_evaluation(
@@ -344,15 +418,19 @@ def write_evaluation(
     features: FeatureRef,
     trained: Sequence[TrainedRef],
     predictions: Mapping[str, inference.Predictions],
+    points: Mapping[str, OperatingPoint] | None = None,
 ) -> EvaluationRef:
-    """metrics.json and the plots from test-split predictions (one entry per trained fusion).
-    The returned ref names the report's key too: `write_report` renders it there."""
-    doc = metrics_document(run, cfg.evaluation, features, trained, predictions)
+    """metrics.json and the plots from test-split predictions (one entry per trained fusion) and
+    the models' operating points (missing: the fixed `evaluation.threshold`). The returned ref
+    names the report's key too: `write_report` renders it there."""
+    ops = points_or_fixed(cfg.evaluation, [t.fusion for t in trained], points)
+    doc = metrics_document(run, cfg.evaluation, features, trained, predictions, ops)
     metrics_key = layout.metrics(run)
     reproduced = compare_with_stored(store, metrics_key, doc)
     records.write_json(store, metrics_key, doc)
 
-    inputs = plot_inputs(cfg.evaluation, cfg.memory, store, layout, run, doc, predictions)
+    scores = calibrated_test(predictions, ops)
+    inputs = plot_inputs(cfg.evaluation, cfg.memory, store, layout, run, doc, predictions, scores)
     plot_keys = []
     for name, fig in plots.draw_all(inputs).items():
         key = layout.plot(run, name)

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tasks.evaluate.metrics import METRIC_NAMES
+from tasks.evaluate.metrics import METRIC_NAMES, THRESHOLD_METRIC_NAMES
 from tasks.refs import FeatureRef, ManifestRef, TrainedRef
 
 if TYPE_CHECKING:
@@ -97,6 +97,7 @@ def _metrics_section(doc: Mapping[str, Any]) -> str:
         for f in names
         for family, values in fusions[f]["families"].items()
     ]
+    parts.append(_operating_point_section(doc))
     parts.append("<h3>Per fake family</h3>")
     if family_rows:
         parts.append(
@@ -108,6 +109,66 @@ def _metrics_section(doc: Mapping[str, Any]) -> str:
     else:
         parts.append('<p class="muted">The data names no fake families.</p>')
     return "\n".join(parts)
+
+
+def _cells(values: Mapping[str, Any]) -> dict[str, Any]:
+    """THRESHOLD_METRIC_NAMES and the confusion counts of one threshold, by row name."""
+    (tn, fp), (fn, tp) = values["confusion"]
+    return {
+        **{m: values[m] for m in THRESHOLD_METRIC_NAMES},
+        "TN": tn,
+        "FP": fp,
+        "FN": fn,
+        "TP": tp,
+    }
+
+
+def _at_fixed(fusion: Mapping[str, Any]) -> dict[str, Any]:
+    """A fusion's threshold metrics at the fixed threshold, from its "metrics" and "confusion"."""
+    (tn, fp), (fn, tp) = fusion["confusion"]["threshold"]
+    rates = {"fpr": fp / (fp + tn), "tpr": tp / (tp + fn)}  # metrics.json has both classes
+    values = {
+        m: fusion["metrics"][m] if m not in rates else rates[m] for m in THRESHOLD_METRIC_NAMES
+    }
+    return {**values, "confusion": [[tn, fp], [fn, tp]]}
+
+
+def _operating_point_section(doc: Mapping[str, Any]) -> str:
+    """Per fusion, the test metrics at the fixed threshold beside those at the fitted one."""
+    fusions = {f: v for f, v in doc["fusions"].items() if "operating_point" in v}
+    if not fusions:
+        return ""
+    columns = []
+    for v in fusions.values():
+        op = v["operating_point"]
+        rule = op["rule"] if op["target_fpr"] is None else f"{op['rule']} <= {op['target_fpr']}"
+        columns += [
+            {
+                "threshold": float(doc["threshold"]),
+                "rule": "fixed",
+                "temperature": op["temperature"],
+                **_cells(_at_fixed(v)),
+            },
+            {
+                "threshold": op["threshold"],
+                "rule": rule,
+                "temperature": op["temperature"],
+                **_cells(v["metrics_at_operating_point"]),
+            },
+        ]
+    header = ["", *(f"{f} at {kind}" for f in fusions for kind in ("fixed", "fitted"))]
+    names = ["threshold", "rule", "temperature", *THRESHOLD_METRIC_NAMES, "TN", "FP", "FN", "TP"]
+    return "\n".join(
+        [
+            '<section id="operating-point"><h3>Fixed and fitted thresholds</h3>',
+            '<p class="muted">Test scores are sigmoid(logit / temperature), the temperature '
+            "fitted on the validation split. The fitted threshold is the validation operating "
+            "point: eer, where the false-positive and false-negative rates meet; fpr, the lowest "
+            "threshold within the false-positive budget; fixed, the model file has none.</p>",
+            _table(header, [[name, *(c[name] for c in columns)] for name in names]),
+            "</section>",
+        ]
+    )
 
 
 def _plots_section(plots: Mapping[str, bytes]) -> str:

@@ -12,10 +12,13 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.runtime import flow_run
 
-from config.schema import StorageConfig
+from config.schema import PipelineConfig, StorageConfig
 from flows import artifacts
+from tasks.evaluate import publish
+from tasks.evaluate.calibration import OperatingPoint
 from tasks.evaluate.metrics import METRIC_NAMES, calculate_metrics
 from tasks.evaluate.plots import plot_names
+from tasks.io import records
 from tasks.io.layout import Layout
 from tasks.io.storage import open_storage
 from tasks.refs import EvaluationRef
@@ -39,6 +42,20 @@ def evaluation_ref() -> EvaluationRef:
     )
 
 
+POINT = OperatingPoint(threshold=0.8125, temperature=2.5, rule="fpr", target_fpr=0.05, n_val=40)
+
+
+def write_metrics(storage: StorageConfig) -> dict:
+    """The run's metrics.json: late has a fitted operating point, the others the fixed one."""
+    features, trained, _ = eval_inputs.refs(RUN)
+    preds = {f: eval_inputs.predictions(f) for f in eval_inputs.FUSIONS}
+    doc = publish.metrics_document(
+        RUN, PipelineConfig().evaluation, features, trained, preds, {"late": POINT}
+    )
+    records.write_json(open_storage(storage), Layout().metrics(RUN), doc)
+    return doc
+
+
 @flow(name="artifact-test")
 def publish_flow(storage: StorageConfig, ref: EvaluationRef) -> tuple[list[str], str]:
     _, trained, _ = eval_inputs.refs(RUN)
@@ -60,6 +77,7 @@ def test_artifacts_have_ui_keys_and_presigned_links_on_s3(
 ) -> None:
     storage = StorageConfig(uri=f"s3://{s3_bucket}", endpoint_url=s3_server.endpoint_url)
     ref = evaluation_ref()
+    doc = write_metrics(storage)
     keys, run_id = publish_flow(storage, ref)
     expected = [
         "evaluation-summary",
@@ -89,6 +107,16 @@ def test_artifacts_have_ui_keys_and_presigned_links_on_s3(
     )
     assert text.count("Signature=") == 1 + 1 + 19 + 3
     assert f"s3://{s3_bucket}/outputs/models/late/{RUN}/model.pt" in text
+    # the fitted operating points, with the test metrics there and (in brackets) at the fixed one
+    assert "fixed threshold 0.5" in text
+    late = doc["fusions"]["late"]
+    at, fixed = late["metrics_at_operating_point"], late["metrics"]
+    assert (
+        f"| late | 0.8125 | fpr <= 0.05 | 2.5000 | {at['balanced_accuracy']:.4f} "
+        f"({fixed['balanced_accuracy']:.4f}) | {at['f1']:.4f} ({fixed['f1']:.4f}) | "
+        f"{at['fpr']:.4f} | {at['tpr']:.4f} |" in text
+    )
+    assert "| early | 0.5000 | fixed | 1.0000 |" in text
 
     table = found["evaluation-metrics"]
     assert table.type == "table"
@@ -106,7 +134,9 @@ def test_artifacts_have_ui_keys_and_presigned_links_on_s3(
 
 
 def test_local_backend_links_are_paths(prefect_harness, tmp_path: Path) -> None:
-    keys, run_id = publish_flow(StorageConfig(uri=str(tmp_path)), evaluation_ref())
+    storage = StorageConfig(uri=str(tmp_path))
+    write_metrics(storage)
+    keys, run_id = publish_flow(storage, evaluation_ref())
     found = read_back(run_id)
     text = str(found["evaluation-summary"].data)
     report = tmp_path.resolve() / "outputs" / "reports" / RUN / "report.html"

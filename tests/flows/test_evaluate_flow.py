@@ -5,6 +5,7 @@ a model file carrying an arbitrary pickled object refused before any of it runs.
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from models import build_model
 from tasks.data import shards
 from tasks.errors import CheckpointError
 from tasks.evaluate import publish
+from tasks.evaluate.calibration import OperatingPoint
 from tasks.io.layout import Layout
 from tasks.io.storage import open_storage
 from tasks.refs import EvaluationRef, FeatureRef, ManifestRef, TrainedRef
@@ -105,12 +107,27 @@ def test_evaluate_flow_reproduces_the_run_metrics_exactly(prefect_harness, run_b
         training.fit(store, layout, cfg, features, f, RUN, read_memory=lambda: 30.0)
         for f in cfg.training.fusions
     ]
+    # late's model file carries an operating point fitted on validation; the others have none
+    point = OperatingPoint(threshold=0.55, temperature=1.7, rule="eer", target_fpr=None, n_val=8)
+    late_key = next(t.model_key for t in trained if t.fusion == "late")
+    obj = torch.load(io.BytesIO(store.read_bytes(late_key)), weights_only=True)
+    obj.setdefault("operating_point", point.as_dict())
+    point = OperatingPoint.from_dict(obj["operating_point"])  # training may have fitted its own
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    store.write_bytes(late_key, buf.getvalue())
+
     ref = evaluation_step(cfg, features, trained, manifest)
     assert sorted(ref.metrics) == ["early", "late", "mid"]
     assert len(ref.plot_keys) == 19 and ref.reproduced is None
     first = store.read_bytes(layout.metrics(RUN))
     first_report = store.read_bytes(layout.report(RUN))
     assert b'"n": 12' in first  # every test pair of both shards was scored
+    doc = json.loads(first)
+    assert doc["fusions"]["late"]["operating_point"] == point.as_dict()
+    for fusion in ("early", "mid", "late"):
+        assert "metrics_at_operating_point" in doc["fusions"][fusion]
+    assert b'<section id="operating-point">' in first_report
 
     # `python -m flows.evaluate --config tiny.yaml` (default run: the newest with models)
     again = main(parser().parse_args(["--config", str(config_path)]))

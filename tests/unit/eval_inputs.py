@@ -36,6 +36,7 @@ def predictions(fusion: str, n: int = 40, seed: int = 0, families: bool = True) 
     )
     return Predictions(
         score=score,
+        logit=logit.astype(np.float32),
         label=label,
         audio_emb=audio,
         image_emb=image.astype(np.float32),

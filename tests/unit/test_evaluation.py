@@ -167,3 +167,22 @@ def test_cosine_similarity_and_projection() -> None:
     assert np.allclose(ev.project_2d(pts), xy)  # deterministic, signs fixed
     assert np.allclose(ev.project_2d(-pts)[:, 0], -xy[:, 0])  # mirrored data, same axis sign
     assert ev.project_2d(np.ones((1, 4))).shape == (1, 2)
+
+
+def test_metrics_at_one_threshold_by_hand() -> None:
+    # threshold 0.65: called fake 0.7, 0.8, 0.9 => tn 4, fp 0, fn 2, tp 2
+    m = ev.threshold_metrics(Y, S, 0.65)
+    assert list(m) == [*ev.THRESHOLD_METRIC_NAMES, "confusion"]
+    assert m["confusion"] == [[4, 0], [1, 3]] == ev.confusion(Y, S, 0.65)
+    assert m["fpr"] == 0.0 and m["tpr"] == pytest.approx(3 / 4)
+    assert m["accuracy"] == pytest.approx(7 / 8) and m["precision"] == pytest.approx(1.0)
+    assert m["balanced_accuracy"] == pytest.approx((1 + 3 / 4) / 2)
+    at_half = ev.threshold_metrics(Y, S, 0.5)
+    fixed = ev.calculate_metrics(Y, S, 0.5)
+    for name in ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "mcc"):
+        assert at_half[name] == fixed[name]
+    # a fitted threshold may lie above every score: nothing is called fake
+    above = ev.threshold_metrics(Y, S, float(np.nextafter(1.0, 2.0)))
+    assert above["confusion"] == [[4, 0], [4, 0]] and above["tpr"] == 0.0
+    with pytest.raises(ValueError, match="threshold must be finite"):
+        ev.threshold_metrics(Y, S, math.inf)

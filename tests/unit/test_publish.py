@@ -9,15 +9,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from config.schema import PipelineConfig, StorageConfig
+from models import build_model
+from tasks.data import shards
 from tasks.errors import DataError, ObjectNotFound
 from tasks.evaluate import publish
+from tasks.evaluate.calibration import OperatingPoint, calibrated_scores
 from tasks.evaluate.inference import pick_device
+from tasks.evaluate.metrics import THRESHOLD_METRIC_NAMES, calculate_metrics, confusion
 from tasks.io import records
 from tasks.io.layout import Layout
 from tasks.io.storage import LocalStorage, open_storage
+from tasks.refs import FeatureRef, TrainedRef
+from tasks.train import checkpoint
 from tests.unit import eval_inputs
 
 RUN = "20260101T000000Z"
@@ -202,3 +209,129 @@ def test_emotion_vectors_are_read_without_pickle(tmp_path: Path) -> None:
 def test_resolve_device() -> None:
     assert pick_device("cpu").type == "cpu"
     assert pick_device("auto").type in ("cpu", "cuda")
+
+
+# --- the operating point fitted on validation ---------------------------------------------------
+
+
+def test_metrics_json_holds_the_fixed_and_the_fitted_threshold(tmp_path: Path) -> None:
+    cfg = PipelineConfig(storage=StorageConfig(uri=str(tmp_path)))
+    store = LocalStorage(str(tmp_path))
+    layout = Layout()
+    eval_inputs.write_training_outputs(store, layout, RUN, ("early", "mid"))
+    features, trained, _ = eval_inputs.refs(RUN, ("early", "mid"))
+    preds = {f: eval_inputs.predictions(f) for f in ("early", "mid")}
+    op = OperatingPoint(threshold=0.8, temperature=2.0, rule="fpr", target_fpr=0.05, n_val=40)
+    ref = publish.write_evaluation(cfg, store, layout, RUN, features, trained, preds, {"mid": op})
+    stored = store.read_bytes(ref.metrics_key)
+    doc = json.loads(stored)
+    mid, early = doc["fusions"]["mid"], doc["fusions"]["early"]
+
+    assert mid["operating_point"] == op.as_dict()
+    label = preds["mid"].label
+    scores = calibrated_scores(preds["mid"].logit, 2.0)  # the test scores are the calibrated ones
+    at = mid["metrics_at_operating_point"]
+    assert set(at) == {*THRESHOLD_METRIC_NAMES, "confusion"}
+    assert at["confusion"] == confusion(label, scores, 0.8)
+    (tn, fp), (fn, tp) = at["confusion"]
+    assert at["fpr"] == pytest.approx(fp / (fp + tn)) and at["tpr"] == pytest.approx(tp / (tp + fn))
+    assert mid["confusion"]["threshold"] == confusion(label, scores, 0.5)  # fixed one kept
+    assert at["confusion"] != mid["confusion"]["threshold"]
+    uncalibrated = calculate_metrics(label, preds["mid"].score)
+    assert mid["metrics"]["roc_auc"] == pytest.approx(uncalibrated["roc_auc"])  # monotonic
+    assert mid["metrics"]["log_loss"] != pytest.approx(uncalibrated["log_loss"])
+    assert mid["metrics"]["log_loss"] == pytest.approx(calculate_metrics(label, scores)["log_loss"])
+
+    # a fusion without a point: the fixed threshold at temperature 1, so both sets agree
+    assert early["operating_point"] == {
+        "threshold": 0.5,
+        "temperature": 1.0,
+        "rule": "fixed",
+        "target_fpr": None,
+        "n_val": 0,
+    }
+    for name in ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "mcc"):
+        assert early["metrics_at_operating_point"][name] == early["metrics"][name]
+    assert early["metrics_at_operating_point"]["confusion"] == early["confusion"]["threshold"]
+
+    again = publish.write_evaluation(cfg, store, layout, RUN, features, trained, preds, {"mid": op})
+    assert again.reproduced is True and store.read_bytes(ref.metrics_key) == stored
+
+
+TINY = {
+    "data": {"n_mels": 16, "spec_frames": 16, "image_size": 32},
+    "model": {"embedding_dim": 16},
+}
+
+
+def write_test_shard(store: LocalStorage, layout: Layout, n: int = 12) -> FeatureRef:
+    rng = np.random.default_rng(0)
+    label = np.arange(n) % 2
+    prefix = layout.features("tinyhash")
+    key = f"{prefix}test/shard-0000.npz"
+    shards.write_shard(
+        store,
+        key,
+        audio=rng.normal(0, 1, (n, 1, 16, 16)).astype(np.float16),
+        image=(rng.uniform(0, 150, (n, 3, 32, 32)) + 100 * label[:, None, None, None]).astype(
+            np.uint8
+        ),
+        label=label,
+        pair_id=[f"test-{i}" for i in range(n)],
+        family=["tts" if v else "real" for v in label],
+    )
+    counts = {"real": int(np.sum(label == 0)), "fake": int(np.sum(label == 1))}
+    return FeatureRef(
+        run=RUN,
+        feature_hash="tinyhash",
+        prefix=prefix,
+        shards={"train": [], "val": [], "test": [key]},
+        counts={"test": counts},
+    )
+
+
+def test_model_files_with_and_without_an_operating_point_evaluate(tmp_path: Path) -> None:
+    cfg = PipelineConfig.model_validate({**TINY, "storage": {"uri": str(tmp_path)}})
+    store = LocalStorage(str(tmp_path))
+    layout = Layout()
+    features = write_test_shard(store, layout)
+    eval_inputs.write_training_outputs(store, layout, RUN, ("early", "late"))
+    torch.manual_seed(0)
+    op = OperatingPoint(threshold=0.52, temperature=0.5, rule="eer", target_fpr=None, n_val=8)
+    trained = []
+    for fusion in ("early", "late"):  # early: a model file from before operating points
+        key = layout.model(fusion, RUN)
+        checkpoint.save_model(store, key, build_model(fusion, cfg), cfg, fusion, 1, 0.7)
+        if fusion == "late":  # what training adds: the point, plain JSON, in the metadata
+            obj = torch.load(io.BytesIO(store.read_bytes(key)), weights_only=True)
+            buf = io.BytesIO()
+            torch.save({**obj, "operating_point": op.as_dict()}, buf)
+            store.write_bytes(key, buf.getvalue())
+        trained.append(
+            TrainedRef(
+                fusion=fusion, run=RUN, model_key=key, epochs=1, best_epoch=1, best_val_loss=0.7
+            )
+        )
+
+    ref = publish.evaluate_run(cfg, store, layout, RUN, features, trained, None)
+    doc = json.loads(store.read_bytes(ref.metrics_key))
+    early, late = doc["fusions"]["early"], doc["fusions"]["late"]
+    assert early["n"] == late["n"] == 12
+    assert early["operating_point"]["rule"] == "fixed"
+    assert early["operating_point"]["threshold"] == cfg.evaluation.threshold
+    assert early["metrics_at_operating_point"]["confusion"] == early["confusion"]["threshold"]
+    assert late["operating_point"] == op.as_dict()
+    preds = publish.score_model(store, cfg.storage, layout.model("late", RUN), features, "cpu")
+    scores = calibrated_scores(preds.logit, 0.5)
+    assert late["metrics_at_operating_point"]["confusion"] == confusion(preds.label, scores, 0.52)
+    assert late["metrics"]["brier"] == pytest.approx(
+        calculate_metrics(preds.label, scores)["brier"]
+    )
+
+    key = layout.model("late", RUN)
+    obj = torch.load(io.BytesIO(store.read_bytes(key)), weights_only=True)
+    buf = io.BytesIO()
+    torch.save({**obj, "operating_point": {"threshold": 0.5}}, buf)
+    store.write_bytes(key, buf.getvalue())
+    with pytest.raises(DataError, match=r"late/.*model.pt: unreadable operating point \(.*lacks"):
+        publish.evaluate_run(cfg, store, layout, RUN, features, trained, None)

@@ -8,6 +8,7 @@ from html.parser import HTMLParser
 
 from config.schema import PipelineConfig
 from tasks.evaluate import plots, publish
+from tasks.evaluate.calibration import OperatingPoint
 from tasks.evaluate.report import render_report
 from tasks.runs.champions import ChampionDecision
 from tests.unit import eval_inputs
@@ -121,3 +122,50 @@ def test_champion_decisions_are_the_last_section_inside_the_body() -> None:
     assert page.index("<h2>Settings</h2>") < section < page.index("</body>")
     assert "<li>mid: run r promoted: &lt;first&gt;</li>" in page
     assert "Champions" not in make_report()[0]  # a run without decisions has no such section
+
+
+def test_report_shows_the_fitted_threshold_beside_the_fixed_one() -> None:
+    cfg = PipelineConfig()
+    features, trained, _ = eval_inputs.refs(RUN, ("early", "mid"))
+    preds = {f: eval_inputs.predictions(f) for f in ("early", "mid")}
+    op = OperatingPoint(threshold=0.8125, temperature=2.5, rule="fpr", target_fpr=0.05, n_val=40)
+    doc = publish.metrics_document(RUN, cfg.evaluation, features, trained, preds, {"mid": op})
+    page = render_report(
+        run=RUN,
+        doc=doc,
+        plots={},
+        settings={},
+        features=features,
+        trained=trained,
+        manifest=None,
+        model_links={t.fusion: ("s3://b/m", "/m") for t in trained},
+        metrics_link=("s3://b/metrics.json", "/metrics.json"),
+        generated_at="2026-01-01 00:00:00 UTC",
+    )
+    start = page.index('<section id="operating-point">')
+    section = page[start : page.index("</section>", start)]
+    header = (
+        "<th>early at fixed</th><th>early at fitted</th><th>mid at fixed</th><th>mid at fitted</th>"
+    )
+    assert header in section
+    # rows: threshold, rule and temperature of each column
+    assert (
+        "<td>threshold</td><td>0.5000</td><td>0.5000</td><td>0.5000</td><td>0.8125</td>" in section
+    )
+    assert (
+        "<td>rule</td><td>fixed</td><td>fixed</td><td>fixed</td><td>fpr &lt;= 0.05</td>" in section
+    )
+    assert (
+        "<td>temperature</td><td>1.0000</td><td>1.0000</td><td>2.5000</td><td>2.5000</td>"
+        in section
+    )
+    at, fixed = (
+        doc["fusions"]["mid"]["metrics_at_operating_point"],
+        doc["fusions"]["mid"]["metrics"],
+    )
+    assert at["f1"] != fixed["f1"]
+    f1_row = f"<td>f1</td><td>{doc['fusions']['early']['metrics']['f1']:.4f}</td>"
+    assert f1_row in section
+    assert f"<td>{fixed['f1']:.4f}</td><td>{at['f1']:.4f}</td></tr>" in section
+    (tn, fp), (fn, tp) = at["confusion"]
+    assert "<td>TP</td>" in section and f"<td>{tp}</td></tr>" in section
