@@ -15,10 +15,12 @@ from models.audio import AudioModel
 from models.consistency import consistency_loss, emotional_consistency
 from models.fusion import (
     LATE_RULES,
+    NO_EMOTIONS,
     EarlyFusionModel,
     FusionOutput,
     LateFusionModel,
     MidFusionModel,
+    emotion_agreement,
 )
 from models.image import ImageModel
 from models.rng import Dropout, seeded_init, use_generator
@@ -30,6 +32,7 @@ FUSIONS = ("early", "mid", "late")
 __all__ = [
     "FUSIONS",
     "LATE_RULES",
+    "NO_EMOTIONS",
     "AudioModel",
     "Dropout",
     "EarlyFusionModel",
@@ -39,6 +42,7 @@ __all__ = [
     "MidFusionModel",
     "build_model",
     "consistency_loss",
+    "emotion_agreement",
     "emotional_consistency",
     "seeded_init",
     "use_generator",
@@ -46,21 +50,27 @@ __all__ = [
 
 
 def build_model(
-    fusion: str, cfg: Any, image_weights: Mapping[str, Tensor] | None = None
+    fusion: str,
+    cfg: Any,
+    image_weights: Mapping[str, Tensor] | None = None,
+    n_emotions: int = 0,
 ) -> nn.Module:
     """The fusion model named `fusion` ("early", "mid" or "late") for a `PipelineConfig`.
 
     `image_weights`: an optional torchvision ResNet18 state dict (what
     `model.pretrained_image_weights` names, already read by the caller) for the image branch of
-    the mid and late models.
+    the mid and late models. `n_emotions`: the size of the emotion vocabulary when emotion labels
+    are known (each modality then gets an emotion classifier); 0 without.
     """
     dim = cfg.model.embedding_dim
     if fusion == "early":
         if image_weights is not None:
             log.info("early fusion has no ResNet18 branch: model.pretrained_image_weights unused")
-        return EarlyFusionModel(dim)
+        return EarlyFusionModel(dim, n_emotions)
     if fusion == "mid":
-        return MidFusionModel(dim, image_weights)
+        return MidFusionModel(dim, image_weights, n_emotions)
     if fusion == "late":
-        return LateFusionModel(dim, image_weights, rule=cfg.model.late_fusion_rule)
+        return LateFusionModel(
+            dim, image_weights, rule=cfg.model.late_fusion_rule, n_emotions=n_emotions
+        )
     raise ValueError(f"unknown fusion {fusion!r}: expected one of {', '.join(FUSIONS)}")

@@ -11,6 +11,13 @@ image emotion embeddings (B, D) that the consistency loss compares.
   dense layers decide.
 - late: each modality has its own encoder and classifier; the two predictions are combined by a
   configured rule (mean or max of the probabilities) or a learned weighting of the two logits.
+
+Emotional consistency reaches every decision. With `n_emotions` > 0 (emotion labels known), each
+modality's embedding also feeds an emotion classifier, and the agreement of the two (the
+probability that voice and face show the same emotion, `emotion_agreement`) is an input of the
+fusion head; without labels the agreement is the cosine similarity of the two embeddings, mapped
+to [0, 1]. Either way a pair whose voice and face disagree can be called fake although neither
+file carries an artefact.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from models.audio import AudioModel, conv_block
 from models.image import ImageModel, ImageNorm
 from models.rng import Dropout
 
+NO_EMOTIONS = torch.zeros(0, 0)  # the emotion logits of a model without emotion heads
+
 
 class FusionOutput(NamedTuple):
     """What every fusion model returns."""
@@ -36,6 +45,34 @@ class FusionOutput(NamedTuple):
     score: Tensor  # (B,) sigmoid(logit): probability of fake
     audio_emb: Tensor  # (B, D) audio emotion embedding
     image_emb: Tensor  # (B, D) image emotion embedding
+    audio_emotion: Tensor = NO_EMOTIONS  # (B, K) emotion logits of the voice; (0, 0) without heads
+    image_emotion: Tensor = NO_EMOTIONS  # (B, K) emotion logits of the face
+
+
+def emotion_agreement(audio_logits: Tensor, image_logits: Tensor) -> Tensor:
+    """P(voice and face show the same emotion) = sum_k p_audio(k) p_image(k): (B, K) x2 -> (B,)
+    in [0, 1]."""
+    p = torch.softmax(audio_logits.float(), dim=1)
+    q = torch.softmax(image_logits.float(), dim=1)
+    return (p * q).sum(dim=1).clamp(0.0, 1.0)
+
+
+class EmotionHeads(nn.Module):
+    """Per-modality emotion classifiers and the agreement feature the fusion heads read."""
+
+    def __init__(self, embedding_dim: int, n_emotions: int) -> None:
+        super().__init__()
+        self.n_emotions = n_emotions
+        self.audio = nn.Linear(embedding_dim, n_emotions) if n_emotions else None
+        self.image = nn.Linear(embedding_dim, n_emotions) if n_emotions else None
+
+    def forward(self, audio_emb: Tensor, image_emb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(agreement (B,) in [0, 1], audio logits (B, K), image logits (B, K))."""
+        if self.audio is None or self.image is None:
+            cos = F.cosine_similarity(audio_emb.float(), image_emb.float(), dim=1, eps=1e-8)
+            return ((1.0 + cos) / 2.0).clamp(0.0, 1.0), NO_EMOTIONS, NO_EMOTIONS
+        a, i = self.audio(audio_emb), self.image(image_emb)  # (B, K) each
+        return emotion_agreement(a, i), a, i
 
 
 def _check_inputs(audio: Tensor, image: Tensor) -> None:
@@ -47,87 +84,141 @@ def _check_inputs(audio: Tensor, image: Tensor) -> None:
         raise ValueError(f"batch sizes differ: audio {audio.shape[0]}, image {image.shape[0]}")
 
 
-def _output(logit: Tensor, audio_emb: Tensor, image_emb: Tensor) -> FusionOutput:
-    return FusionOutput(logit, torch.sigmoid(logit), audio_emb, image_emb)
+class ConsistencyHead(nn.Module):
+    """The agreement (B,) in [0, 1] -> a logit of "fake" (low agreement: fake), joined to the
+    fusion's own logit as a soft OR: the pair is fake when either says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(1, 1)
+        # Start with: full agreement says real (-5), none says fake (+1), chance agreement
+        # between untrained emotion classifiers (1/K) about neutral, so the fusion's own head
+        # is not drowned out while the emotion classifiers learn.
+        with torch.no_grad():
+            self.linear.weight.fill_(-6.0)
+            self.linear.bias.fill_(1.0)
+
+    def logit(self, agree: Tensor) -> Tensor:
+        return self.linear(agree[:, None]).squeeze(1)  # (B,)
+
+    def forward(self, logit: Tensor, agree: Tensor) -> Tensor:
+        both = torch.stack([logit, self.logit(agree)], dim=1)  # (B, 2)
+        return torch.logsumexp(both, dim=1) - math.log(2)  # (B,)
 
 
-JOINT_CHANNELS = (32, 64, 128, 256)  # widths of the early-fusion joint CNN's conv blocks
+def _output(
+    logit: Tensor, audio_emb: Tensor, image_emb: Tensor, audio_emo: Tensor, image_emo: Tensor
+) -> FusionOutput:
+    return FusionOutput(logit, torch.sigmoid(logit), audio_emb, image_emb, audio_emo, image_emo)
+
+
+STEM_CHANNELS = 16  # each modality's stem: one conv block before the two are joined
+JOINT_CHANNELS = (64, 128, 256)  # widths of the early-fusion joint trunk's conv blocks
+BRANCH_CHANNELS = (32, 64, 128)  # the image stem's own encoder, for the face's emotion
 
 
 class EarlyFusionModel(nn.Module):
-    """Log-mel resized to the image grid + RGB -> (B, 4, S, S) -> one joint CNN.
+    """A light stem per modality, joined at once into one joint trunk.
 
-    The joint CNN is a compact stack of ReLU conv blocks, trained from scratch: unlike the mid and
-    late models it has no ResNet18 image branch, so `model.pretrained_image_weights` does not
-    apply to it. (On the generated benchmark a 4-channel ResNet18 here fitted the training set
-    but stayed at chance on validation within a few epochs; this CNN, which keeps the spatial
-    detail of both inputs longer, did not.)
+    log-mel (B, 1, M, T) -> audio stem (B, 16, M/2, T/2) -> resized to the image stem's grid
+    RGB (B, 3, S, S)    -> image stem (B, 16, S/2, S/2)
+    concatenated (B, 32, S/2, S/2) -> joint trunk -> pooled (B, 256) -> [+ agreement] -> logit
+
+    The decision is made on the joined inputs after a single layer per modality, so the fusion is
+    early. The emotion embeddings (what the consistency signal compares) come from encoders of
+    their own: an `AudioModel` (CNN + LSTM: pitch contour and rate need the time axis) on the
+    log-mel, and a small CNN on the image stem. The trunk is trained from scratch:
+    `model.pretrained_image_weights` does not apply here.
     """
 
-    def __init__(self, embedding_dim: int = 128) -> None:
+    def __init__(self, embedding_dim: int = 128, n_emotions: int = 0) -> None:
         super().__init__()
         self.norm = ImageNorm()
-        widths = (4, *JOINT_CHANNELS)  # channel 0: log-mel, 1-3: RGB
+        self.audio_stem = conv_block(1, STEM_CHANNELS)
+        self.image_stem = conv_block(3, STEM_CHANNELS)
+        widths = (2 * STEM_CHANNELS, *JOINT_CHANNELS)
         self.joint = nn.Sequential(
             *(conv_block(c_in, c_out) for c_in, c_out in itertools.pairwise(widths)),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
-        features = JOINT_CHANNELS[-1]
-        self.classifier = nn.Sequential(Dropout(0.2), nn.Linear(features, 1))
-        self.audio_head = nn.Linear(features, embedding_dim)
-        self.image_head = nn.Linear(features, embedding_dim)
+        self.audio_branch = AudioModel(embedding_dim)
+        self.image_branch = self._branch((STEM_CHANNELS, *BRANCH_CHANNELS), embedding_dim)
+        self.emotions = EmotionHeads(embedding_dim, n_emotions)
+        self.classifier = nn.Sequential(Dropout(0.2), nn.Linear(JOINT_CHANNELS[-1] + 1, 1))
+        self.consistency = ConsistencyHead()
+
+    @staticmethod
+    def _branch(widths: tuple[int, ...], embedding_dim: int) -> nn.Sequential:
+        return nn.Sequential(
+            *(conv_block(c_in, c_out) for c_in, c_out in itertools.pairwise(widths)),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(widths[-1], embedding_dim),
+        )
 
     def forward(self, audio: Tensor, image: Tensor) -> FusionOutput:
         _check_inputs(audio, image)
-        b = audio.shape[0]
-        spec = F.interpolate(audio, size=image.shape[-2:], mode="bilinear", align_corners=False)
-        rgb = self.norm(image)  # (B, 3, S, S)
-        joint = torch.cat([spec, rgb], dim=1)  # (B, 4, S, S)
-        audio_only = torch.cat([spec, torch.zeros_like(rgb)], dim=1)
-        image_only = torch.cat([torch.zeros_like(spec), rgb], dim=1)
-        # One pass over the three views keeps a single joint CNN (and one set of BN statistics).
-        feats = self.joint(torch.cat([joint, audio_only, image_only]))  # (3B, 256)
-        logit = self.classifier(feats[:b]).squeeze(1)  # (B,)
-        return _output(logit, self.audio_head(feats[b : 2 * b]), self.image_head(feats[2 * b :]))
+        image_feats = self.image_stem(self.norm(image))  # (B, 16, S/2, S/2)
+        audio_feats = self.audio_stem(audio)  # (B, 16, M/2, T/2)
+        audio_grid = F.interpolate(
+            audio_feats, size=image_feats.shape[-2:], mode="bilinear", align_corners=False
+        )  # (B, 16, S/2, S/2)
+        joint = self.joint(torch.cat([audio_grid, image_feats], dim=1))  # (B, 256)
+        audio_emb = self.audio_branch(audio)  # (B, D)
+        image_emb = self.image_branch(image_feats)  # (B, D)
+        agree, audio_emo, image_emo = self.emotions(audio_emb, image_emb)
+        logit = self.classifier(torch.cat([joint, agree[:, None]], dim=1)).squeeze(1)  # (B,)
+        logit = self.consistency(logit, agree)
+        return _output(logit, audio_emb, image_emb, audio_emo, image_emo)
 
 
 class MidFusionModel(nn.Module):
     """Audio and image embeddings concatenated -> dense layers -> one logit."""
 
     def __init__(
-        self, embedding_dim: int = 128, pretrained: Mapping[str, Tensor] | None = None
+        self,
+        embedding_dim: int = 128,
+        pretrained: Mapping[str, Tensor] | None = None,
+        n_emotions: int = 0,
     ) -> None:
         super().__init__()
         self.audio = AudioModel(embedding_dim)
         self.image = ImageModel(embedding_dim, pretrained)
+        self.emotions = EmotionHeads(embedding_dim, n_emotions)
         self.head = nn.Sequential(
-            nn.Linear(2 * embedding_dim, embedding_dim),
+            nn.Linear(2 * embedding_dim + 1, embedding_dim),
             nn.ReLU(inplace=True),
             Dropout(0.2),
             nn.Linear(embedding_dim, 1),
         )
+        self.consistency = ConsistencyHead()
 
     def forward(self, audio: Tensor, image: Tensor) -> FusionOutput:
         _check_inputs(audio, image)
         audio_emb = self.audio(audio)  # (B, D)
         image_emb = self.image(image)  # (B, D)
-        logit = self.head(torch.cat([audio_emb, image_emb], dim=1)).squeeze(1)  # (B,)
-        return _output(logit, audio_emb, image_emb)
+        agree, audio_emo, image_emo = self.emotions(audio_emb, image_emb)
+        joined = torch.cat([audio_emb, image_emb, agree[:, None]], dim=1)  # (B, 2D + 1)
+        logit = self.consistency(self.head(joined).squeeze(1), agree)  # (B,)
+        return _output(logit, audio_emb, image_emb, audio_emo, image_emo)
 
 
 LATE_RULES = ("learned", "mean", "max")
 
 
 class LateFusionModel(nn.Module):
-    """Separate audio and image classifiers; their predictions are combined by `rule`:
-    "mean" / "max" of the two probabilities, or "learned": a trained weighting of the two logits."""
+    """Separate decisions combined at the end: an audio head, an image head and a consistency
+    head (on the agreement of the two modalities' emotions) each give a logit; `rule` combines
+    them: "mean" / "max" of the three probabilities, or "learned": a soft maximum of the three
+    logits, each with a learned scale and offset (a pair is fake when any one source says so)."""
 
     def __init__(
         self,
         embedding_dim: int = 128,
         pretrained: Mapping[str, Tensor] | None = None,
         rule: str = "learned",
+        n_emotions: int = 0,
     ) -> None:
         super().__init__()
         if rule not in LATE_RULES:
@@ -135,26 +226,36 @@ class LateFusionModel(nn.Module):
         self.rule = rule
         self.audio = AudioModel(embedding_dim)
         self.image = ImageModel(embedding_dim, pretrained)
+        self.emotions = EmotionHeads(embedding_dim, n_emotions)
         self.audio_head = nn.Sequential(nn.ReLU(), Dropout(0.2), nn.Linear(embedding_dim, 1))
         self.image_head = nn.Sequential(nn.ReLU(), Dropout(0.2), nn.Linear(embedding_dim, 1))
-        self.combine = nn.Linear(2, 1)  # used by the "learned" rule only
-        with torch.no_grad():  # start as the mean of the two logits
-            self.combine.weight.fill_(0.5)
-            self.combine.bias.zero_()
+        self.consistency_head = ConsistencyHead()  # agreement in [0, 1] -> logit of "fake"
+        self.scale = nn.Parameter(torch.ones(3))  # the "learned" rule's per-head scale ...
+        self.offset = nn.Parameter(torch.zeros(3))  # ... and offset
+
+    def head_logits(self, audio_emb: Tensor, image_emb: Tensor, agree: Tensor) -> Tensor:
+        """(B, 3): the audio, image and consistency heads' logits."""
+        return torch.cat(
+            [
+                self.audio_head(audio_emb),
+                self.image_head(image_emb),
+                self.consistency_head.logit(agree)[:, None],
+            ],
+            dim=1,
+        )
 
     def forward(self, audio: Tensor, image: Tensor) -> FusionOutput:
         _check_inputs(audio, image)
         audio_emb = self.audio(audio)  # (B, D)
         image_emb = self.image(image)  # (B, D)
-        logits = torch.cat(
-            [self.audio_head(audio_emb), self.image_head(image_emb)], dim=1
-        )  # (B, 2)
+        agree, audio_emo, image_emo = self.emotions(audio_emb, image_emb)
+        logits = self.head_logits(audio_emb, image_emb, agree)  # (B, 3)
         if self.rule == "learned":
-            logit = self.combine(logits).squeeze(1)
+            logit = torch.logsumexp(logits * self.scale + self.offset, dim=1) - math.log(3)
         elif self.rule == "max":  # max of the probabilities = sigmoid of the max logit
             logit = logits.max(dim=1).values
         else:  # mean of the probabilities, as a logit computed in log space (no overflow)
-            log_p = torch.logsumexp(F.logsigmoid(logits), dim=1) - math.log(2)
-            log_q = torch.logsumexp(F.logsigmoid(-logits), dim=1) - math.log(2)
+            log_p = torch.logsumexp(F.logsigmoid(logits), dim=1) - math.log(3)
+            log_q = torch.logsumexp(F.logsigmoid(-logits), dim=1) - math.log(3)
             logit = log_p - log_q
-        return _output(logit, audio_emb, image_emb)
+        return _output(logit, audio_emb, image_emb, audio_emo, image_emo)

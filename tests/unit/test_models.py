@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -10,7 +11,15 @@ import torch.nn.functional as F
 from torchvision.models import resnet18
 
 from config.load import validate_config
-from models import FUSIONS, AudioModel, FusionOutput, ImageModel, build_model, consistency_loss
+from models import (
+    FUSIONS,
+    AudioModel,
+    FusionOutput,
+    ImageModel,
+    build_model,
+    consistency_loss,
+    emotion_agreement,
+)
 
 B, M, T, S = 4, 16, 24, 32  # batch, mel bands, frames, image side: tiny on purpose
 
@@ -73,17 +82,42 @@ def test_embedding_size_follows_the_config() -> None:
     assert out.audio_emb.shape == (B, 32) and out.image_emb.shape == (B, 32)
 
 
-def test_late_fusion_rules_combine_the_two_predictions() -> None:
+def test_late_fusion_rules_combine_the_three_predictions() -> None:
     torch.manual_seed(0)
     audio, image = inputs()
     for rule in ("mean", "max"):
         model = build_model("late", config(late_fusion_rule=rule)).eval()
         with torch.no_grad():
             out = model(audio, image)
-            p_audio = torch.sigmoid(model.audio_head(model.audio(audio)).squeeze(1))
-            p_image = torch.sigmoid(model.image_head(model.image(image)).squeeze(1))
-        expected = (p_audio + p_image) / 2 if rule == "mean" else torch.maximum(p_audio, p_image)
+            agree, _, _ = model.emotions(out.audio_emb, out.image_emb)
+            p = torch.sigmoid(model.head_logits(out.audio_emb, out.image_emb, agree))  # (B, 3)
+        expected = p.mean(dim=1) if rule == "mean" else p.max(dim=1).values
         assert torch.allclose(out.score, expected, atol=1e-6), rule
+
+
+def test_late_learned_rule_starts_as_a_soft_or_of_the_heads() -> None:
+    model = build_model("late", config()).eval()
+    with torch.no_grad():
+        out = model(*inputs())
+        agree, _, _ = model.emotions(out.audio_emb, out.image_emb)
+        logits = model.head_logits(out.audio_emb, out.image_emb, agree)
+    # one head saying "fake" is enough: the combined logit is never far below the largest head
+    assert (out.logit >= logits.max(dim=1).values - math.log(3) - 1e-5).all()
+    assert (out.logit <= logits.max(dim=1).values + 1e-5).all()
+
+
+def test_emotion_heads_classify_each_modality_and_their_agreement_is_a_probability() -> None:
+    audio, image = inputs()
+    for fusion in ("early", "mid", "late"):
+        model = build_model(fusion, config(), n_emotions=4).eval()
+        with torch.no_grad():
+            out = model(audio, image)
+        assert out.audio_emotion.shape == (B, 4) and out.image_emotion.shape == (B, 4), fusion
+    same = torch.tensor([[9.0, 0.0, 0.0, 0.0]])
+    other = torch.tensor([[0.0, 9.0, 0.0, 0.0]])
+    assert emotion_agreement(same, same).item() > 0.99
+    assert emotion_agreement(same, other).item() < 0.01
+    assert build_model("mid", config()).eval()(audio, image).audio_emotion.numel() == 0
 
 
 def test_late_mean_rule_is_finite_for_extreme_logits() -> None:
@@ -91,6 +125,8 @@ def test_late_mean_rule_is_finite_for_extreme_logits() -> None:
     with torch.no_grad():
         model.audio_head[-1].bias.fill_(200.0)  # p_audio = 1
         model.image_head[-1].bias.fill_(-200.0)  # p_image = 0
+        model.consistency_head.linear.weight.zero_()
+        model.consistency_head.linear.bias.zero_()  # p_consistency = 0.5
         out = model(*inputs())
     assert torch.isfinite(out.logit).all()
     assert torch.allclose(out.score, torch.full((B,), 0.5), atol=1e-4)
@@ -157,8 +193,10 @@ def test_early_fusion_trains_its_joint_cnn_from_scratch(caplog: pytest.LogCaptur
     caplog.set_level(logging.INFO, logger="models")
     model = build_model("early", config(), image_weights=weights)
     assert "pretrained_image_weights unused" in caplog.text
-    conv1 = model.joint[0][0].weight  # the first conv block reads log-mel + RGB
-    assert conv1.shape[1] == 4
+    # one light stem per modality, then the joint trunk reads both stems' channels together
+    assert model.audio_stem[0].weight.shape[1] == 1 and model.image_stem[0].weight.shape[1] == 3
+    joint_in = model.joint[0][0].weight.shape[1]
+    assert joint_in == model.audio_stem[0].weight.shape[0] + model.image_stem[0].weight.shape[0]
 
 
 def test_foreign_weights_are_refused() -> None:
