@@ -63,7 +63,13 @@ class DataConfig(Section):
     sample_rate: PositiveInt = 16000  # audio is resampled to this rate before the log-mel
     n_mels: PositiveInt = 128  # log-mel height (mel bands)
     spec_frames: PositiveInt = 128  # log-mel width (time frames)
-    image_size: PositiveInt = 224  # images are resized to image_size x image_size RGB
+    image_size: PositiveInt = 224  # images become image_size x image_size RGB (see image_mode)
+    # How an image becomes image_size x image_size: "resize" scales the whole picture; "crop"
+    # keeps native pixels (deepfake traces are high-frequency): a centre square of image_size +
+    # crop_margin is stored, training takes random image_size crops of it and evaluation the
+    # centre; images smaller than that are padded by reflection, never upsampled.
+    image_mode: Literal["resize", "crop"] = "resize"
+    crop_margin: NonNegInt = 16  # extra native pixels stored around the crop, for random crops
     val_fraction: Fraction = 0.15  # share of pairs in the validation split (stable hash)
     test_fraction: Fraction = 0.15  # share of pairs in the test split (stable hash)
     shard_size: PositiveInt = 64  # pairs per feature shard
@@ -94,10 +100,30 @@ class ModelConfig(Section):
 class TrainingConfig(Section):
     fusions: list[FusionName] = Field(default_factory=lambda: list(ALL_FUSIONS))
     batch_size: PositiveInt = 16  # initial batch size; the memory guard may shrink it
-    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 0.001  # Adam learning rate
+    optimizer: Literal["adamw", "adam"] = "adamw"  # AdamW: weight decay decoupled from Adam
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 0.001  # peak learning rate
+    weight_decay: Annotated[float, Field(ge=0, lt=1)] = 0.01  # AdamW weight decay
+    # Learning-rate schedule over the whole run: a linear warm-up over this share of it, then
+    # cosine decay to zero ("cosine"), or the peak rate throughout ("constant").
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    grad_clip: Annotated[float, Field(gt=0)] | None = 5.0  # max gradient norm; None = no clip
+    # Weigh the BCE of each class by its share of the train split, so a skewed split does not
+    # teach the detector to answer the majority class.
+    balance_classes: bool = True
+    # Model selection: keep the epoch with the best validation ROC-AUC ("auc"; ties go to the
+    # lower validation loss) or the lowest validation loss ("loss").
+    select_on: Literal["auc", "loss"] = "auc"
+    patience: PositiveInt | None = None  # stop after this many epochs without improvement
+    # Augmentations that keep artefacts: random horizontal flips and random crops (crop mode)
+    # of the image, a random time shift of the log-mel; never a blurring resize.
+    augment: bool = True
     epochs: PositiveInt = 5  # passes over the training split
     consistency_weight: Annotated[float, Field(ge=0)] = 0.1  # lambda; 0 disables the signal
     consistency_margin: Annotated[float, Field(ge=-1, le=1)] = 0.0  # fake pairs pushed below it
+    # Weight of the emotion classifiers' cross-entropy (voice and face, when pairs.csv gives
+    # emotion / image_emotion); 0 turns the emotion heads off.
+    emotion_weight: Annotated[float, Field(ge=0)] = 0.5
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = CUDA when present
     mixed_precision: bool = True  # autocast on CUDA; ignored on the CPU
     log_every: PositiveInt = 10  # steps between progress lines

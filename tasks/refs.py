@@ -36,6 +36,7 @@ class FeatureRef(Ref):
     prefix: str  # outputs/cache/features/<hash>/
     shards: dict[str, list[str]]  # split -> shard keys
     counts: dict[str, dict[str, int]]  # split -> {"real": n, "fake": n} of usable pairs
+    emotions: list[str] = Field(default_factory=list)  # emotion vocabulary; [] = no labels
     skipped: list[dict[str, str]] = Field(default_factory=list)  # {"key", "reason"}
     skipped_key: str | None = None  # where the skipped-file list was written for this run
     cache_hit: bool = False
@@ -50,6 +51,7 @@ class TrainedRef(Ref):
     epochs: int  # epochs completed
     best_epoch: int
     best_val_loss: float
+    best_val_auc: float | None = None  # validation ROC-AUC of the best epoch
     resumed_from: int | None = None  # epoch the run resumed after, when a retry resumed
 
 

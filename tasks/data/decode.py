@@ -159,7 +159,9 @@ def _check_riff_wave(data: bytes, where: str) -> None:
 
 
 def preprocess_image(data: bytes, cfg: DataConfig, where: str = "<image>") -> np.ndarray:
-    """Decode image bytes to RGB uint8 (3, S, S), S = cfg.image_size.
+    """Decode image bytes to RGB uint8 (3, S, S), S = cfg.image_size, or in crop mode
+    (3, C, C), C = S + crop_margin: the centre of the picture at its native resolution (padded by
+    reflection when smaller), so the crops taken later keep the high-frequency traces.
 
     The pixel count is checked from the header before any pixel is decoded, so a decompression
     bomb costs nothing. Raises `CorruptSample` naming `where`.
@@ -179,10 +181,14 @@ def preprocess_image(data: bytes, cfg: DataConfig, where: str = "<image>") -> np
             raise CorruptSample(
                 f"{where}: {img.format} image; only {', '.join(IMAGE_FORMATS[:2])} are supported"
             )
-        if img.format in ("JPEG", "MPO"):
-            img.draft("RGB", (size, size))  # decode at a reduced scale when much larger
+        crop = cfg.image_mode == "crop"
+        keep = size + cfg.crop_margin if crop else size
+        if img.format in ("JPEG", "MPO"):  # decode at a reduced scale when much larger
+            img.draft("RGB", (4 * keep, 4 * keep) if crop else (size, size))
         img.load()
         rgb = _to_rgb(ImageOps.exif_transpose(img))
+        if crop:
+            return centre_square(np.asarray(rgb, dtype=np.uint8), keep)  # (3, C, C)
         out = rgb.resize((size, size), Image.Resampling.BILINEAR)
     except Image.DecompressionBombError as exc:
         raise CorruptSample(f"{where}: refused as a decompression bomb ({_short(exc)})") from exc
@@ -190,6 +196,23 @@ def preprocess_image(data: bytes, cfg: DataConfig, where: str = "<image>") -> np
         raise CorruptSample(f"{where}: not a readable image ({_short(exc)})") from exc
     arr = np.asarray(out, dtype=np.uint8)  # (S, S, 3)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, S, S)
+
+
+def centre_square(rgb: np.ndarray, side: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, side, side): the centre, native pixels; reflection-padded where
+    the picture is smaller (never upsampled, which would smear the traces)."""
+    h, w = rgb.shape[:2]
+    pad_h, pad_w = max(0, side - h), max(0, side - w)
+    if pad_h or pad_w:
+        widths = ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
+        if min(h, w) > 1:
+            rgb = np.pad(rgb, widths, mode="reflect")
+        else:  # a single row or column has nothing to mirror
+            rgb = np.pad(rgb, widths, mode="edge")
+        h, w = rgb.shape[:2]
+    top, left = (h - side) // 2, (w - side) // 2
+    square = rgb[top : top + side, left : left + side]  # (side, side, 3)
+    return np.ascontiguousarray(square.transpose(2, 0, 1))  # (3, side, side)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

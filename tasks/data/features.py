@@ -42,7 +42,7 @@ from tasks.refs import FeatureRef, ManifestRef
 
 log = logging.getLogger(__name__)
 
-FEATURE_FORMAT = 1  # bump when the decoders change what they produce: old caches are then unused
+FEATURE_FORMAT = 2  # bump when the decoders change what they produce: old caches are then unused
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,8 +55,8 @@ def feature_hash(rows: Sequence[PairRow], cfg: DataConfig) -> str:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for r in sorted(rows, key=lambda r: r.pair_id):
         line = "\t".join(
-            [r.pair_id, r.split, str(r.label), r.family, r.audio_key, r.audio_etag]
-            + [r.image_key, r.image_etag]
+            [r.pair_id, r.split, str(r.label), r.family, r.emotion, r.image_emotion]
+            + [r.audio_key, r.audio_etag, r.image_key, r.image_etag]
         )
         digest.update(line.encode() + b"\n")
     return digest.hexdigest()[:24]
@@ -71,6 +71,8 @@ def preprocessing_settings(cfg: DataConfig) -> dict[str, Any]:
         "spec_frames": cfg.spec_frames,
         "clip_seconds": cfg.clip_seconds,
         "image_size": cfg.image_size,
+        "image_mode": cfg.image_mode,
+        "crop_margin": cfg.crop_margin if cfg.image_mode == "crop" else 0,
         "max_audio_seconds": cfg.max_audio_seconds,
         "max_image_pixels": cfg.max_image_pixels,
         "shard_size": cfg.shard_size,
@@ -129,10 +131,10 @@ class _ShardWriter:
     """Buffers decoded pairs of one split and writes a shard every `shard_size` pairs."""
 
     def __init__(
-        self, store: Storage, layout: Layout, fhash: str, split: str, shard_size: int
+        self, store: Storage, layout: Layout, fhash: str, split: str, shard_size: int, crop: int
     ) -> None:
         self.store, self.layout, self.fhash = store, layout, fhash
-        self.split, self.shard_size = split, shard_size
+        self.split, self.shard_size, self.crop = split, shard_size, crop
         self.items: list[tuple[PairRow, np.ndarray, np.ndarray]] = []
         self.names: list[str] = []  # as the index records them
         self.keys: list[str] = []
@@ -156,6 +158,9 @@ class _ShardWriter:
             label=np.array([r.label for r in rows], dtype=np.int8),  # (N,)
             pair_id=[r.pair_id for r in rows],
             family=[r.family for r in rows],
+            audio_emotion=[r.emotion for r in rows],
+            image_emotion=[r.image_emotion for r in rows],
+            crop=self.crop,
         )
         self.names.append(name)
         self.keys.append(key)
@@ -185,12 +190,14 @@ def build_features(
             prefix=prefix,
             shards={s: [layout.feature_file(fhash, n) for n in index["shards"][s]] for s in SPLITS},
             counts=index["counts"],
+            emotions=list(index.get("emotions", [])),
             skipped=skipped,
             skipped_key=skipped_key,
             cache_hit=True,
         )
 
-    writers = {s: _ShardWriter(store, layout, fhash, s, data.shard_size) for s in SPLITS}
+    crop = data.image_size if data.image_mode == "crop" else 0
+    writers = {s: _ShardWriter(store, layout, fhash, s, data.shard_size, crop) for s in SPLITS}
     kept: list[PairRow] = []
     decode_skips: dict[str, dict[str, str]] = {}  # key -> entry; a file shared by pairs once
     n_bad_pairs = 0
@@ -215,6 +222,7 @@ def build_features(
         )
     counts = count_labels(kept)
     check_splits(counts, f"{manifest.uri} after skipping {n_bad_pairs} undecodable pairs")
+    emotions = emotion_vocabulary(kept)
 
     index = {
         "format": FEATURE_FORMAT,
@@ -222,6 +230,7 @@ def build_features(
         "settings": preprocessing_settings(data),
         "n_pairs": len(kept),
         "counts": counts,
+        "emotions": emotions,
         "shards": {s: list(writers[s].names) for s in SPLITS},
         "skipped": list(decode_skips.values()),
         "manifest": manifest.key,
@@ -241,10 +250,18 @@ def build_features(
         prefix=prefix,
         shards={s: list(writers[s].keys) for s in SPLITS},
         counts=counts,
+        emotions=emotions,
         skipped=skipped,
         skipped_key=skipped_key,
         cache_hit=False,
     )
+
+
+def emotion_vocabulary(rows: Sequence[PairRow]) -> list[str]:
+    """The emotion names the train split knows (voice and face), sorted; [] = no labels."""
+    names = {r.emotion for r in rows if r.split == "train"}
+    names |= {r.image_emotion for r in rows if r.split == "train"}
+    return sorted(n for n in names if n)
 
 
 def _cached_index(store: Storage, layout: Layout, fhash: str) -> dict[str, Any] | None:

@@ -81,7 +81,8 @@ class PairRow:
     split: str
     label: int  # 1 = fake
     family: str  # fake family; "real" for real pairs; "" when unknown
-    emotion: str  # "" when unknown
+    emotion: str  # the voice's emotion; "" when unknown
+    image_emotion: str  # the face's emotion; "" when unknown
     audio_key: str
     audio_size: int
     audio_etag: str
@@ -188,7 +189,8 @@ def pairs_from_csv(
     if missing:
         raise DataError(
             f"{where}: missing column(s) {', '.join(missing)}; "
-            f"needs {', '.join(REQUIRED_COLUMNS)} [, split, family, emotion], found {columns}"
+            f"needs {', '.join(REQUIRED_COLUMNS)} [, split, family, emotion, image_emotion], "
+            f"found {columns}"
         )
     audio_files = {e.key: e for e in listing.audio}
     image_files = {e.key: e for e in listing.images}
@@ -232,6 +234,7 @@ def pairs_from_csv(
                 label=label,
                 family=family,
                 emotion=rec.get("emotion", ""),
+                image_emotion=_image_emotion(rec, label),
                 audio_key=audio.key,
                 audio_size=audio.size,
                 audio_etag=audio.etag,
@@ -243,6 +246,14 @@ def pairs_from_csv(
     if "split" in columns and "val" not in given and "train" in given:
         rows = _carve_val(rows, val_fraction / (1.0 - test_fraction))
     return rows, skipped
+
+
+def _image_emotion(rec: dict[str, str], label: int) -> str:
+    """The face's emotion: the `image_emotion` column; without one, a real pair's face shows
+    the voice's `emotion` (one recording, one emotion), a fake pair's is unknown."""
+    if "image_emotion" in rec:
+        return rec["image_emotion"]
+    return rec.get("emotion", "") if label == REAL else ""
 
 
 def _missing(
@@ -305,6 +316,7 @@ def pairs_at_random(
                         label=label,
                         family=LABEL_NAMES[REAL] if label == REAL else "",
                         emotion="",
+                        image_emotion="",
                         audio_key=audio.key,
                         audio_size=audio.size,
                         audio_etag=audio.etag,

@@ -29,7 +29,9 @@ from tasks.io.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 
-SHARD_FIELDS = ("audio", "image", "label", "pair_id", "family")
+SHARD_FIELDS = (
+    "audio", "image", "label", "pair_id", "family", "audio_emotion", "image_emotion", "crop"
+)  # fmt: skip
 
 
 def encode_shard(
@@ -38,10 +40,20 @@ def encode_shard(
     label: np.ndarray,
     pair_id: Sequence[str],
     family: Sequence[str],
+    audio_emotion: Sequence[str] | None = None,
+    image_emotion: Sequence[str] | None = None,
+    crop: int = 0,
 ) -> bytes:
-    """Serialise one shard; checks that every array has the same length and the right dtype."""
+    """Serialise one shard; checks that every array has the same length and the right dtype.
+    Emotions are names ("" = unknown); omitted, they are all unknown. `crop` > 0: the images are
+    native-resolution squares from which `DeepfakeDataset` takes `crop` x `crop` crops."""
     n = len(label)
-    if not (len(audio) == len(image) == len(pair_id) == len(family) == n):
+    audio_emotion = [""] * n if audio_emotion is None else list(audio_emotion)
+    image_emotion = [""] * n if image_emotion is None else list(image_emotion)
+    if not (
+        len(audio) == len(image) == len(pair_id) == len(family) == n
+        and len(audio_emotion) == len(image_emotion) == n
+    ):
         raise ValueError(
             f"shard arrays differ in length: audio {len(audio)}, image {len(image)}, "
             f"label {n}, pair_id {len(pair_id)}, family {len(family)}"
@@ -56,6 +68,9 @@ def encode_shard(
         label=np.asarray(label, dtype=np.int8),
         pair_id=np.asarray(list(pair_id), dtype=str),
         family=np.asarray(list(family), dtype=str),
+        audio_emotion=np.asarray(audio_emotion, dtype=str),
+        image_emotion=np.asarray(image_emotion, dtype=str),
+        crop=np.asarray(crop, dtype=np.int64),
     )
     return buf.getvalue()
 
@@ -83,8 +98,11 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
     """Streams (audio, image, label) samples from feature shards in a bucket.
 
     Each item is a dict: audio float32 (1, n_mels, frames), image float32 (3, S, S) in [0, 1],
-    label float32 scalar (1 = fake), pair_id str, family str. Storage is opened in `__iter__`
-    (boto3 clients must not cross a fork); shards are split between DataLoader workers.
+    label float32 scalar (1 = fake), pair_id str, family str, audio_emotion and image_emotion
+    str ("" = unknown). Crop-mode shards hold larger native squares: the centre S x S is taken,
+    or with `augment` (training) a random one, plus the augmentations of `_augment`. Storage is
+    opened in `__iter__` (boto3 clients must not cross a fork); shards are split between
+    DataLoader workers.
     """
 
     def __init__(
@@ -94,8 +112,10 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
         shuffle: bool = False,
         seed: int = 0,
         n_samples: int | None = None,
+        augment: bool = False,
     ) -> None:
         self.storage_cfg = storage_cfg
+        self.augment = augment
         self.shard_keys = list(shard_keys)
         self.shuffle = shuffle
         self.seed = seed
@@ -137,17 +157,64 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rng = np.random.default_rng([self.seed, self.epoch, 1])
+        augment = np.random.default_rng([self.seed, self.epoch, 2])  # its own stream
         for shard in self.iter_shards():
             n = len(shard["label"])
             order = rng.permutation(n) if self.shuffle else np.arange(n)
+            crop = int(shard["crop"])
             for i in order:
+                audio = shard["audio"][i].astype(np.float32)  # (1, M, T)
+                image = shard["image"][i]  # (3, C, C) uint8
+                if self.augment:
+                    audio, image = _augment(audio, image, crop, augment)
+                elif crop:
+                    image = _crop(image, crop, None)
                 yield {
-                    "audio": torch.from_numpy(shard["audio"][i].astype(np.float32)),
-                    "image": torch.from_numpy(shard["image"][i].astype(np.float32) / 255.0),
+                    "audio": torch.from_numpy(np.ascontiguousarray(audio)),
+                    "image": torch.from_numpy(image.astype(np.float32) / 255.0),  # [0, 1]
                     "label": torch.tensor(float(shard["label"][i]), dtype=torch.float32),
                     "pair_id": str(shard["pair_id"][i]),
                     "family": str(shard["family"][i]),
+                    "audio_emotion": str(shard["audio_emotion"][i]),
+                    "image_emotion": str(shard["image_emotion"][i]),
                 }
+
+
+MAX_SHIFT = 8  # the log-mel's random time shift is at most 1/MAX_SHIFT of its frames
+
+
+def _crop(image: np.ndarray, side: int, rng: np.random.Generator | None) -> np.ndarray:
+    """A side x side crop of (3, C, C): random with `rng`, else the centre."""
+    c = image.shape[-1]
+    if c <= side:
+        return image
+    if rng is None:
+        top = left = (c - side) // 2
+    else:
+        top, left = (int(v) for v in rng.integers(0, c - side + 1, size=2))
+    return image[:, top : top + side, left : left + side]
+
+
+def _augment(
+    audio: np.ndarray, image: np.ndarray, crop: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Augmentations that keep the artefacts: the image flipped left-right at random and (crop
+    mode) cropped at a random place at native resolution; the log-mel shifted in time by up to
+    1/8 of its frames, the gap filled with the floor (-1). No resizing, no blurring."""
+    if crop:
+        image = _crop(image, crop, rng)
+    if rng.random() < 0.5:
+        image = image[:, :, ::-1]
+    frames = audio.shape[-1]
+    shift = int(rng.integers(-(frames // MAX_SHIFT), frames // MAX_SHIFT + 1))
+    if shift:
+        out = np.full_like(audio, -1.0)
+        if shift > 0:
+            out[..., shift:] = audio[..., :-shift]
+        else:
+            out[..., :shift] = audio[..., -shift:]
+        audio = out
+    return audio, np.ascontiguousarray(image)
 
 
 def batches(
@@ -174,4 +241,6 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "label": torch.stack([it["label"] for it in items]),
         "pair_id": [it["pair_id"] for it in items],
         "family": [it["family"] for it in items],
+        "audio_emotion": [it.get("audio_emotion", "") for it in items],
+        "image_emotion": [it.get("image_emotion", "") for it in items],
     }

@@ -18,6 +18,7 @@ import io
 import logging
 import random
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from tasks.io.storage import Storage
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # of model.pt and checkpoints/epoch-N.pt
+FORMAT_VERSION = 2  # of model.pt and checkpoints/epoch-N.pt (2: emotion heads, agreement input)
 CHECKPOINT_NAME = re.compile(r"epoch-(\d+)\.pt")
 ARCHITECTURE_KEYS = ("embedding_dim", "late_fusion_rule")  # a checkpoint must match these
 
@@ -48,7 +49,8 @@ class TrainState:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
     batch_size: int | None = None  # each epoch's starting batch size (None: not yet estimated)
-    best_val_loss: float | None = None
+    best_val_loss: float | None = None  # validation loss of the best epoch
+    best_val_auc: float | None = None  # validation ROC-AUC of the best epoch (select_on: auc)
     best_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # epoch-log rows
     steps: list[dict[str, Any]] = field(default_factory=list)  # step-log rows
@@ -87,8 +89,12 @@ def save_model(
     fusion: str,
     epoch: int,
     val_loss: float,
+    emotions: Sequence[str] = (),
+    extra: Mapping[str, Any] | None = None,
 ) -> str:
-    """Write `model.pt`: weights, resolved config and format version (see `load_model`)."""
+    """Write `model.pt`: weights, resolved config, format version, the emotion vocabulary its
+    emotion heads classify into (empty: no heads) and `extra` metadata (plain JSON types, e.g.
+    the validation metrics and the operating point); see `load_model`."""
     return store.write_bytes(
         key,
         _to_bytes(
@@ -99,6 +105,8 @@ def save_model(
                 "config": cfg.model_dump(mode="json"),
                 "epoch": epoch,
                 "val_loss": float(val_loss),
+                "emotions": list(emotions),
+                **dict(extra or {}),
             }
         ),
     )
@@ -115,7 +123,10 @@ def load_model(data: bytes, where: str) -> tuple[nn.Module, dict[str, Any]]:
         cfg = PipelineConfig.model_validate(obj.get("config"))
     except ValidationError as exc:
         raise CheckpointError(f"{where}: its config does not fit this version ({exc})") from exc
-    model = build_model(fusion, cfg)
+    emotions = obj.get("emotions", [])
+    if not isinstance(emotions, list) or not all(isinstance(e, str) for e in emotions):
+        raise CheckpointError(f"{where}: its emotion vocabulary is not a list of names")
+    model = build_model(fusion, cfg, n_emotions=len(emotions))
     try:
         model.load_state_dict(obj["state_dict"])
     except RuntimeError as exc:
@@ -157,12 +168,14 @@ def read_image_weights(store: Storage, mcfg: ModelConfig) -> dict[str, Tensor] |
     return obj
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG the trainer touches, as tensors, lists and numbers (weights_only-safe)."""
+def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Every RNG the trainer touches, as tensors, lists and numbers (weights_only-safe):
+    the model's own `generator` and the global ones."""
     version, mt, gauss = random.getstate()
     np_key, np_mt, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
     np_mt = np.asarray(np_mt)
     return {
+        "model": generator.get_state() if generator is not None else None,
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python": [version, list(mt), gauss],
@@ -170,7 +183,9 @@ def rng_state() -> dict[str, Any]:
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
+    if generator is not None and state.get("model") is not None:
+        generator.set_state(state["model"])
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -190,8 +205,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     state: TrainState,
+    generator: torch.Generator | None = None,
 ) -> str:
-    """Write `checkpoints/epoch-N.pt` for the epoch just finished; prune old ones if configured."""
+    """Write `checkpoints/epoch-N.pt` for the epoch just finished; prune old ones if configured.
+    `generator`: the model's own random stream (dropout), saved with the other RNGs."""
     key = layout.checkpoint(fusion, run, state.epoch)
     uri = store.write_bytes(
         key,
@@ -204,13 +221,14 @@ def save_checkpoint(
                 "step": state.step,
                 "batch_size": state.batch_size,
                 "best_val_loss": state.best_val_loss,
+                "best_val_auc": state.best_val_auc,
                 "best_epoch": state.best_epoch,
                 "history": state.history,
                 "steps": state.steps,
                 "model": _cpu_state(model),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
-                "rng": rng_state(),
+                "rng": rng_state(generator),
                 "config": cfg.model_dump(mode="json"),
             }
         ),
@@ -244,11 +262,12 @@ def resume(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
+    generator: torch.Generator | None = None,
 ) -> TrainState:
     """Load the newest readable checkpoint of this fusion and run into the model, optimizer,
-    scaler and RNGs; a fresh `TrainState` when there is none. An unreadable newest checkpoint
-    (e.g. cut short) falls back to the one before; one saved with other `ARCHITECTURE_KEYS` of
-    `mcfg` is refused."""
+    scaler and RNGs (the model's own `generator` too); a fresh `TrainState` when there is none.
+    An unreadable newest checkpoint (e.g. cut short) falls back to the one before; one saved with
+    other `ARCHITECTURE_KEYS` of `mcfg` is refused."""
     found = list_checkpoints(store, layout, fusion, run)
     for epoch, key in found:
         where = store.uri(key)
@@ -264,13 +283,14 @@ def resume(
             scaler.load_state_dict(ckpt["scaler"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"{where}: does not fit the {fusion} model ({exc})") from exc
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"], generator)
         log.info("resuming %s of run %s from %s (epoch %d done)", fusion, run, where, epoch)
         return TrainState(
             epoch=int(ckpt["epoch"]),
             step=int(ckpt["step"]),
             batch_size=None if ckpt["batch_size"] is None else int(ckpt["batch_size"]),
             best_val_loss=ckpt["best_val_loss"],
+            best_val_auc=ckpt.get("best_val_auc"),
             best_epoch=int(ckpt["best_epoch"]),
             history=list(ckpt["history"]),
             steps=list(ckpt["steps"]),

@@ -5,7 +5,9 @@ in the bucket -> per epoch `train_one_epoch`, `evaluate` on the validation split
 `save_epoch` call -> the `TrainedRef` of the best model, also left in the bucket as `trained.json`.
 
 `save_epoch` writes, in this order (a crash anywhere loses at most the epoch in progress):
-1. when validation loss improved: `model.pt` and the emotion vectors of the validation split;
+1. when the epoch is the best so far (`training.select_on`: validation ROC-AUC, or loss):
+   `model.pt`, with the operating point (threshold, temperature) fitted on that epoch's
+   validation predictions, and the emotion vectors of the validation split;
 2. `checkpoints/epoch-N.pt` (tasks.train.checkpoint): once it lands the epoch is done;
 3. the epoch log and the step log, rewritten from the history (a resume rewrites them too).
 
@@ -18,9 +20,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,11 +29,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from config.schema import PipelineConfig
-from models import FUSIONS, build_model
+from config.schema import PipelineConfig, TrainingConfig
+from models import FUSIONS, build_model, seeded_init, use_generator
 from tasks.data.shards import DeepfakeDataset
 from tasks.errors import CheckpointError, ConfigError, DataError
+from tasks.evaluate.calibration import fit_operating_point
 from tasks.evaluate.inference import Predictions, pick_device
+from tasks.evaluate.metrics import calculate_metrics
 from tasks.io import records
 from tasks.io.layout import Layout
 from tasks.io.storage import Storage
@@ -54,6 +57,7 @@ from tasks.train.memory import (
     monitor_memory,
     total_memory_bytes,
 )
+from tasks.train.objective import Objective
 
 __all__ = [
     "LOSSES_COLUMNS",
@@ -65,7 +69,7 @@ __all__ = [
     "make_guard",
     "save_emotion_vectors",
     "save_epoch",
-    "seed_everything",
+    "fusion_seed",
     "write_logs",
     "write_losses",
 ]
@@ -98,18 +102,27 @@ def fit(
     device = pick_device(tcfg.device, "training.device")
     amp = device.type == "cuda" and tcfg.mixed_precision
     train_data, val_data = make_datasets(cfg, features)
+    objective = Objective.build(tcfg, features.emotions, features.counts["train"])
 
-    seed_everything(cfg.run.seed)
-    model = build_model(fusion, cfg, read_image_weights(store, cfg.model)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.learning_rate)
+    # The fusion's own seed and random stream: fusions trained at once in threads of one process
+    # give the same models as trained one after another (models.rng).
+    seed = fusion_seed(cfg.run.seed, fusion)
+    generator = torch.Generator().manual_seed(seed)
+    with seeded_init(seed):
+        model = build_model(
+            fusion, cfg, read_image_weights(store, cfg.model), n_emotions=objective.n_emotions
+        )
+    use_generator(model, generator)
+    model = model.to(device)
+    optimizer = make_optimizer(model, tcfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    state = resume(store, layout, cfg.model, fusion, run, model, optimizer, scaler)
+    state = resume(store, layout, cfg.model, fusion, run, model, optimizer, scaler, generator)
     guard = make_guard(cfg, model, state, read_memory)
     state.batch_size = guard.initial
     if state.epoch:
         write_logs(store, layout, fusion, run, state)  # in case the crash came before they landed
     log.info(
-        "training %s on %s (%d train / %d val pairs), epochs %d-%d, batch %d, %s%s",
+        "training %s on %s (%d train / %d val pairs), epochs %d-%d, batch %d, %s, %s%s%s",
         fusion,
         device,
         len(train_data),
@@ -118,10 +131,22 @@ def fit(
         tcfg.epochs,
         guard.initial,
         "mixed precision" if amp else "float32",
+        f"emotion heads over {', '.join(objective.emotions)}"
+        if objective.n_emotions
+        else "no emotion labels (contrastive consistency)",
+        f", selecting on validation {tcfg.select_on}",
         f", resumed after epoch {state.epoch}" if state.epoch else "",
     )
 
     for epoch in range(state.epoch + 1, tcfg.epochs + 1):
+        if stop_early(state, tcfg):
+            log.info(
+                "%s: no improvement for %d epochs since epoch %d: stopping early",
+                fusion,
+                tcfg.patience,
+                state.best_epoch,
+            )
+            break
         started = time.perf_counter()
         guard.start_epoch()
         train_data.set_epoch(epoch)
@@ -133,23 +158,38 @@ def fit(
             guard,
             device,
             tcfg,
+            objective,
             fusion=fusion,
             epoch=epoch,
             step=state.step,
             amp=amp,
+            n_train=len(train_data),
         )
         val, preds = evaluate(
-            model, val_data, device, tcfg, guard.batch_size, amp=amp, expected=len(val_data)
+            model, val_data, device, objective, guard.batch_size, amp=amp, expected=len(val_data)
         )
-        record = epoch_record(fusion, epoch, result, val, time.perf_counter() - started)
-        improved = state.best_val_loss is None or val.loss < state.best_val_loss
+        auc = validation_auc(preds)
+        record = epoch_record(fusion, epoch, result, val, time.perf_counter() - started, auc)
+        improved = is_improvement(state, val.loss, auc, tcfg)
         state.epoch, state.step = epoch, result.last_step
         state.history.append(record)
         state.steps.extend(result.steps)
         if improved:
-            state.best_val_loss, state.best_epoch = val.loss, epoch
+            state.best_val_loss, state.best_val_auc, state.best_epoch = val.loss, auc, epoch
         save_epoch(
-            store, layout, cfg, fusion, run, model, optimizer, scaler, state, preds, improved
+            store,
+            layout,
+            cfg,
+            fusion,
+            run,
+            model,
+            optimizer,
+            scaler,
+            state,
+            preds,
+            improved,
+            emotions=objective.emotions if objective.n_emotions else (),
+            generator=generator,
         )
         log_epoch(record, tcfg.epochs, best=improved)
 
@@ -165,16 +205,55 @@ def fit(
         epochs=state.epoch,
         best_epoch=state.best_epoch,
         best_val_loss=state.best_val_loss,
+        best_val_auc=state.best_val_auc,
         resumed_from=state.resumed_from,
     )
     records.write_json(store, layout.trained(fusion, run), ref.model_dump(mode="json"))
     return ref
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
+def fusion_seed(seed: int, fusion: str) -> int:
+    """Each fusion's own seed, derived from `run.seed`: independent streams, reproducible."""
+    return seed * 1009 + FUSIONS.index(fusion) + 1
+
+
+def make_optimizer(model: nn.Module, tcfg: TrainingConfig) -> torch.optim.Optimizer:
+    """AdamW (weight decay on weights, not on biases and norms) or Adam, at the peak rate."""
+    if tcfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=tcfg.learning_rate)
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": tcfg.weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=tcfg.learning_rate)
+
+
+def validation_auc(preds: Predictions) -> float | None:
+    """ROC-AUC of the validation predictions; None when the split lacks a class."""
+    label = np.asarray(preds.label).astype(np.int64)
+    if np.unique(label).size < 2:
+        return None
+    return float(calculate_metrics(label, np.asarray(preds.score, dtype=np.float64))["roc_auc"])
+
+
+def is_improvement(
+    state: TrainState, val_loss: float, auc: float | None, tcfg: TrainingConfig
+) -> bool:
+    """Is this epoch the best so far? By validation AUC (ties: lower loss) with select_on auc
+    and an AUC to go by, else by validation loss."""
+    if state.best_val_loss is None:
+        return True
+    if tcfg.select_on == "auc" and auc is not None:
+        best = state.best_val_auc if state.best_val_auc is not None else -1.0
+        return auc > best or (auc == best and val_loss < state.best_val_loss)
+    return val_loss < state.best_val_loss
+
+
+def stop_early(state: TrainState, tcfg: TrainingConfig) -> bool:
+    """`training.patience` epochs have passed without improvement."""
+    return tcfg.patience is not None and state.epoch - state.best_epoch >= tcfg.patience
 
 
 def make_datasets(
@@ -198,6 +277,7 @@ def make_datasets(
         shuffle=True,
         seed=cfg.run.seed,
         n_samples=sizes["train"],
+        augment=cfg.training.augment,
     )
     val = DeepfakeDataset(cfg.storage, features.shards["val"], n_samples=sizes["val"])
     return train, val
@@ -244,19 +324,43 @@ def save_epoch(
     state: TrainState,
     preds: Predictions,
     improved: bool,
+    *,
+    emotions: Sequence[str] = (),
+    generator: torch.Generator | None = None,
 ) -> None:
-    """Save the epoch `state` just recorded: best model and emotion vectors when it `improved`,
-    then its checkpoint, then the logs (the order the module docstring gives)."""
+    """Save the epoch `state` just recorded: best model (with the operating point fitted on this
+    epoch's validation predictions) and emotion vectors when it `improved`, then its checkpoint,
+    then the logs (the order the module docstring gives)."""
     if improved:
+        ecfg = cfg.evaluation
+        point = fit_operating_point(
+            preds.logit, preds.label, ecfg.operating_point, ecfg.target_fpr, ecfg.threshold
+        )
+        extra = {"operating_point": point.as_dict(), "val_auc": state.best_val_auc}
         val_loss = state.history[-1]["val_loss"]
-        save_model(store, layout.model(fusion, run), model, cfg, fusion, state.epoch, val_loss)
+        save_model(
+            store,
+            layout.model(fusion, run),
+            model,
+            cfg,
+            fusion,
+            state.epoch,
+            val_loss,
+            emotions=emotions,
+            extra=extra,
+        )
         save_emotion_vectors(store, layout.emotion_vectors(fusion, run), preds, state.epoch)
-    save_checkpoint(store, layout, cfg, fusion, run, model, optimizer, scaler, state)
+    save_checkpoint(store, layout, cfg, fusion, run, model, optimizer, scaler, state, generator)
     write_logs(store, layout, fusion, run, state)
 
 
 def epoch_record(
-    fusion: str, epoch: int, result: EpochResult, val: EpochStats, seconds: float
+    fusion: str,
+    epoch: int,
+    result: EpochResult,
+    val: EpochStats,
+    seconds: float,
+    val_auc: float | None = None,
 ) -> dict[str, Any]:
     """One epoch-log row (the contract the evaluation plots read)."""
     train = result.stats
@@ -271,6 +375,9 @@ def epoch_record(
         "val_bce": val.bce,
         "val_consistency": val.consistency,
         "val_acc": val.accuracy,
+        "train_emotion": train.emotion,
+        "val_emotion": val.emotion,
+        "val_auc": val_auc,
         "samples_per_s": train.samples_per_s,
         "batch_size": result.batch_size,
         "memory_percent": result.memory_percent,

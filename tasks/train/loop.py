@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -20,15 +21,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from config.schema import TrainingConfig
-from models import FusionOutput, consistency_loss
 from tasks.data.shards import batches
 from tasks.errors import DataError
 from tasks.evaluate.inference import Predictions, collect, infer
 from tasks.train.memory import MemoryGuard
+from tasks.train.objective import Objective
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,14 @@ class EpochStats:
     accuracy: float
     samples: int
     seconds: float
+    emotion: float = 0.0
 
     @classmethod
     def from_sums(cls, sums: np.ndarray, n: int, seconds: float) -> EpochStats:
-        """From per-sample sums (bce, consistency, loss, correct); plain floats, so that
-        checkpoints holding them still load with `weights_only=True`."""
-        bce, consistency, loss, correct = (float(v) / n for v in sums)
-        return cls(bce, consistency, loss, correct, n, float(seconds))
+        """From per-sample sums (bce, consistency, emotion, loss, correct); plain floats, so
+        that checkpoints holding them still load with `weights_only=True`."""
+        bce, consistency, emotion, loss, correct = (float(v) / n for v in sums)
+        return cls(bce, consistency, loss, correct, n, float(seconds), emotion)
 
     @property
     def samples_per_s(self) -> float:
@@ -71,15 +72,18 @@ class EpochResult:
 # one epoch
 
 
-def compute_loss(
-    out: FusionOutput, label: Tensor, tcfg: TrainingConfig
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(bce, consistency, total) with total = bce + consistency_weight x consistency."""
-    bce = F.binary_cross_entropy_with_logits(out.logit.float(), label)
-    consistency = consistency_loss(out.audio_emb, out.image_emb, label, tcfg.consistency_margin)
-    if tcfg.consistency_weight == 0:
-        return bce, consistency, bce
-    return bce, consistency, bce + tcfg.consistency_weight * consistency
+def learning_rate(tcfg: TrainingConfig, progress: float) -> float:
+    """The learning rate at `progress` in [0, 1] of the whole run: linear warm-up over
+    `warmup_fraction`, then cosine decay to 0 (`schedule: cosine`) or flat (`constant`). A pure
+    function of progress, so a resumed run continues the same curve whatever its batch sizes."""
+    peak, warm = tcfg.learning_rate, tcfg.warmup_fraction
+    progress = min(max(progress, 0.0), 1.0)
+    if warm > 0 and progress < warm:
+        return peak * (progress + 1e-3) / (warm + 1e-3)
+    if tcfg.schedule == "constant":
+        return peak
+    decayed = (progress - warm) / max(1.0 - warm, 1e-9)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * decayed))
 
 
 def train_step(
@@ -88,22 +92,32 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     device: torch.device,
-    tcfg: TrainingConfig,
+    objective: Objective,
+    grad_clip: float | None = None,
     amp: bool = False,
-) -> tuple[float, float, float, int]:
-    """One optimizer step; returns (bce, consistency, loss, correct predictions)."""
+) -> tuple[float, float, float, float, int]:
+    """One optimizer step; returns (bce, consistency, emotion, loss, correct predictions)."""
     audio = batch["audio"].to(device, non_blocking=True)  # (B, 1, M, T)
     image = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
     label = batch["label"].to(device, non_blocking=True)  # (B,)
     with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
         out = model(audio, image)
-    bce, consistency, loss = compute_loss(out, label, tcfg)
+    parts = objective(out, batch, device)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    scaler.scale(parts.total).backward()
+    if grad_clip is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
     correct = int(((out.logit.detach() >= 0).float() == label).sum())
-    return bce.item(), consistency.item(), loss.item(), correct
+    return (
+        parts.bce.item(),
+        parts.consistency.item(),
+        parts.emotion.item(),
+        parts.total.item(),
+        correct,
+    )
 
 
 def split_batch(batch: dict[str, Any], size: int) -> list[dict[str, Any]]:
@@ -124,16 +138,19 @@ def train_one_epoch(
     guard: MemoryGuard,
     device: torch.device,
     tcfg: TrainingConfig,
+    objective: Objective,
     *,
     fusion: str,
     epoch: int,
     step: int = 0,
     amp: bool = False,
+    n_train: int | None = None,
 ) -> EpochResult:
-    """Train over `samples` once, in batches whose size the guard picks before each batch."""
+    """Train over `samples` once, in batches whose size the guard picks before each batch; the
+    learning rate follows `learning_rate` over the run (`n_train`: samples per epoch)."""
     model.train()
     started = time.perf_counter()
-    totals = np.zeros(4)  # bce x n, consistency x n, loss x n, correct
+    totals = np.zeros(5)  # bce x n, consistency x n, emotion x n, loss x n, correct
     n_seen = 0
     rows: list[dict[str, Any]] = []
     window = _Window()
@@ -150,9 +167,13 @@ def train_one_epoch(
         while pending:
             part = pending.pop(0)
             n = len(part["label"])
+            if n_train:
+                done = (epoch - 1 + min(n_seen / n_train, 1.0)) / tcfg.epochs
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(tcfg, done)
             try:
-                bce, cons, loss, correct = train_step(
-                    model, part, optimizer, scaler, device, tcfg, amp
+                bce, cons, emo, loss, correct = train_step(
+                    model, part, optimizer, scaler, device, objective, tcfg.grad_clip, amp
                 )
             except torch.OutOfMemoryError:
                 optimizer.zero_grad(set_to_none=True)
@@ -166,7 +187,7 @@ def train_one_epoch(
                 continue
             step += 1
             n_seen += n
-            totals += (bce * n, cons * n, loss * n, correct)
+            totals += (bce * n, cons * n, emo * n, loss * n, correct)
             window.add(n, bce, cons, loss)
             if step % tcfg.log_every == 0 or event is not None:
                 row = window.row(fusion, epoch, step, guard, event)
@@ -242,7 +263,7 @@ def evaluate(
     model: nn.Module,
     dataset: Iterable[dict[str, Any]],
     device: torch.device,
-    tcfg: TrainingConfig,
+    objective: Objective,
     batch_size: int,
     *,
     amp: bool = False,
@@ -251,13 +272,19 @@ def evaluate(
     """Losses and accuracy over `dataset` (no gradients), and the per-sample predictions."""
     started = time.perf_counter()
     parts = []
-    totals = np.zeros(4)  # bce x n, consistency x n, loss x n, correct
+    totals = np.zeros(5)  # bce x n, consistency x n, emotion x n, loss x n, correct
     for batch, out in infer(model, dataset, device, batch_size, amp):
         label = batch["label"].to(device)
         n = len(label)
-        bce, cons, loss = compute_loss(out, label, tcfg)
+        loss = objective(out, batch, device)
         correct = float(((out.logit >= 0).float() == label).sum())
-        totals += (float(bce) * n, float(cons) * n, float(loss) * n, correct)
+        totals += (
+            float(loss.bce) * n,
+            float(loss.consistency) * n,
+            float(loss.emotion) * n,
+            float(loss.total) * n,
+            correct,
+        )
         parts.append((batch, out))
     preds = collect(parts)
     n = len(preds.label)

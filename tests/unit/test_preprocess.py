@@ -329,10 +329,13 @@ def test_dataset_streams_the_shards(tmp_path: Path, bench: dict[str, bytes]) -> 
 def test_feature_hash_covers_content_and_settings() -> None:
     from tasks.data.manifest import PairRow
 
-    row = PairRow("p", "train", 1, "f", "", "a.wav", 1, "e1", "i.png", 1, "e2")
+    row = PairRow("p", "train", 1, "f", "", "", "a.wav", 1, "e1", "i.png", 1, "e2")
     base = feature_hash([row], DATA)
-    changed = PairRow("p", "train", 1, "f", "", "a.wav", 1, "e9", "i.png", 1, "e2")
+    changed = PairRow("p", "train", 1, "f", "", "", "a.wav", 1, "e9", "i.png", 1, "e2")
     assert feature_hash([changed], DATA) != base
+    relabelled = PairRow("p", "train", 1, "f", "happy", "sad", "a.wav", 1, "e1", "i.png", 1, "e2")
+    assert feature_hash([relabelled], DATA) != base  # the shards hold the emotions too
+    assert feature_hash([row], DATA.model_copy(update={"image_mode": "crop"})) != base
     assert feature_hash([row], DATA.model_copy(update={"n_mels": 16})) != base
     assert feature_hash([row], DATA) == base
 
@@ -368,3 +371,68 @@ def test_steps_retry_transient_storage_faults_only() -> None:
     assert not is_transient(None, None, Failed(data=DataError("dataset/: no usable pairs")))
     assert not is_transient(None, None, Failed(data=CorruptSample("a.wav: truncated")))
     assert is_transient(None, None, Failed(data=Throttled("s3://b/k: throttled")))
+
+
+# --- crop mode: native pixels, never a resize --------------------------------------------------
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_crop_mode_keeps_native_pixels_where_a_resize_smears_them() -> None:
+    """A 2 px checkerboard (an upsampling trace) at 120 px: crop mode stores the centre 40 px
+    square untouched; resizing the whole picture to 32 px blurs the pattern away."""
+    y, x = np.mgrid[0:120, 0:120]
+    board = np.where((x + y) % 2 == 0, 200, 40).astype(np.uint8)
+    data = _png(np.stack([board] * 3, axis=-1))
+    crop = DATA.model_copy(update={"image_mode": "crop", "crop_margin": 8})
+    out = preprocess_image(data, crop)
+    assert out.shape == (3, 40, 40) and out.dtype == np.uint8  # image_size 32 + margin 8
+    assert np.array_equal(out[0], board[40:80, 40:80])  # the very pixels of the centre
+    resized = preprocess_image(data, DATA)
+    assert resized.shape == (3, 32, 32)
+    contrast = np.abs(np.diff(resized[0].astype(int), axis=1)).mean()
+    assert contrast < 40 < np.abs(np.diff(out[0].astype(int), axis=1)).mean()
+
+
+def test_crop_mode_pads_small_images_by_reflection_instead_of_upsampling() -> None:
+    small = np.random.default_rng(3).integers(0, 255, (20, 24, 3), dtype=np.uint8)
+    crop = DATA.model_copy(update={"image_mode": "crop", "crop_margin": 8})
+    out = preprocess_image(_png(small), crop)
+    assert out.shape == (3, 40, 40)
+    top, left = (40 - 20) // 2, (40 - 24) // 2
+    assert np.array_equal(out[:, top : top + 20, left : left + 24], small.transpose(2, 0, 1))
+    assert np.array_equal(out[:, top - 1, left : left + 24], small[1].T)  # mirrored edge row
+
+
+def test_crop_mode_shards_give_centre_crops_for_evaluation_and_random_ones_for_training(
+    tmp_path: Path,
+) -> None:
+    from tasks.data.shards import write_shard
+
+    store = open_storage(PipelineConfig(storage={"uri": str(tmp_path)}).storage)
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 255, (4, 3, 40, 40), dtype=np.uint8)
+    write_shard(
+        store, "s.npz", audio=rng.standard_normal((4, 1, 8, 16)).astype(np.float32),
+        image=image, label=np.array([0, 1, 0, 1], dtype=np.int8), pair_id=list("abcd"),
+        family=["real", "f", "real", "f"], crop=32,
+    )  # fmt: skip
+    storage = PipelineConfig(storage={"uri": str(tmp_path)}).storage
+    plain = list(DeepfakeDataset(storage, ["s.npz"]))
+    assert all(it["image"].shape == (3, 32, 32) for it in plain)
+    centre = image[0, :, 4:36, 4:36].astype(np.float32) / 255.0
+    assert np.allclose(plain[0]["image"].numpy(), centre)
+    train = DeepfakeDataset(storage, ["s.npz"], seed=1, augment=True)
+    train.set_epoch(1)
+    first = [it["image"] for it in train]
+    again = [it["image"] for it in train]  # same seed and epoch: the same augmentations
+    assert all(a.shape == (3, 32, 32) for a in first)
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(first, again, strict=True))
+    train.set_epoch(2)
+    later = [it["image"] for it in train]
+    assert any(not np.array_equal(a.numpy(), b.numpy()) for a, b in zip(first, later, strict=True))
+    assert all(it["audio"].shape == (1, 8, 16) for it in train)  # a time shift keeps the shape
