@@ -93,7 +93,9 @@ class GeneratorConfig(Section):
 
 class ModelConfig(Section):
     embedding_dim: PositiveInt = 128  # size of each modality's emotion embedding
-    pretrained_image_weights: str | None = None  # local path or bucket key of ResNet18 weights
+    # ResNet18 weights for the mid and late image branches: "imagenet" (torchvision's, through
+    # torch's download and cache; needs the internet once), a local path or a bucket key.
+    pretrained_image_weights: str | None = None
     late_fusion_rule: Literal["learned", "mean", "max"] = "learned"  # how late fusion combines
 
 

@@ -1,8 +1,9 @@
 """`ImageModel`: torchvision's ResNet18 with a 128-d emotion embedding in place of its classifier.
 
-Weights start random (`weights=None`): nothing is ever downloaded. Pretrained ResNet18 weights, when
-the config names a file, arrive as a state dict (read by the trainer with `weights_only=True`) and
-are applied with `load_resnet_weights`.
+Weights start random (`weights=None`): the model itself downloads nothing. Pretrained ResNet18
+weights, when the config names them (torchvision's ImageNet weights, a file or a bucket key),
+arrive as a state dict (read by the trainer with `weights_only=True`) and are applied with
+`load_resnet_weights`.
 """
 
 from __future__ import annotations

@@ -135,12 +135,25 @@ def load_model(data: bytes, where: str) -> tuple[nn.Module, dict[str, Any]]:
     return model, {k: v for k, v in obj.items() if k != "state_dict"}
 
 
+IMAGENET = "imagenet"  # model.pretrained_image_weights: torchvision's ImageNet ResNet18 weights
+
+
+def imagenet_url() -> str:
+    """Where torchvision publishes the ImageNet ResNet18 weights (its own registry says)."""
+    from torchvision.models import ResNet18_Weights
+
+    return str(ResNet18_Weights.IMAGENET1K_V1.url)
+
+
 def read_image_weights(store: Storage, mcfg: ModelConfig) -> dict[str, Tensor] | None:
-    """The ResNet18 weights `model.pretrained_image_weights` names: a local file, else a key in
-    the bucket; read with `weights_only=True`, never downloaded from the internet."""
+    """The ResNet18 weights `model.pretrained_image_weights` names: "imagenet" (torchvision's
+    ImageNet weights, through torch's own download and cache under TORCH_HOME; needs the
+    internet once), a local file, or a key in the bucket; always read with `weights_only=True`."""
     source = mcfg.pretrained_image_weights
     if source is None:
         return None
+    if source == IMAGENET:
+        return _checked(_download_imagenet(), f"{IMAGENET} ({imagenet_url()})")
     path = Path(source).expanduser()
     if path.is_file():
         data, where = path.read_bytes(), str(path)
@@ -156,6 +169,28 @@ def read_image_weights(store: Storage, mcfg: ModelConfig) -> dict[str, Tensor] |
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and runtime errors alike
         raise CheckpointError(f"{where}: not a safe torch weights file ({exc})") from exc
+    return _checked(obj, where)
+
+
+def _download_imagenet() -> Any:
+    """torch.hub's download-and-cache of the ImageNet weights; offline, a `ConfigError` that
+    names the setting and the way out (a local file or a bucket key)."""
+    url = imagenet_url()
+    try:
+        return torch.hub.load_state_dict_from_url(
+            url, map_location="cpu", progress=False, weights_only=True
+        )
+    except (OSError, ValueError) as exc:  # URLError is an OSError: no network, DNS, refused
+        raise ConfigError(
+            f"model.pretrained_image_weights: {IMAGENET!r} needs {url} (or a copy in torch's "
+            f"cache, {torch.hub.get_dir()}/checkpoints/), which could not be fetched "
+            f"({type(exc).__name__}: {exc}); offline, download the file elsewhere and give its "
+            "local path or a bucket key instead"
+        ) from exc
+
+
+def _checked(obj: Any, where: str) -> dict[str, Tensor]:
+    """`obj` as a ResNet18 state dict (unwrapped from {"state_dict": ...}), or `CheckpointError`."""
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

@@ -530,3 +530,35 @@ def test_fusions_trained_at_once_in_threads_match_the_ones_trained_alone(tmp_pat
             for run in ("alone", "together")
         ]
         assert losses[0] == losses[1], fusion
+
+
+def test_imagenet_weights_come_from_torchs_cache_and_fail_clearly_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`model.pretrained_image_weights: imagenet` goes through torch.hub's download and cache:
+    a copy in the cache is used as is (what a second night on EC2 does); with no copy and no
+    network the error names the setting and the way out."""
+    import socket
+
+    from torchvision.models import resnet18
+
+    from tasks.train import checkpoint
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cfg = make_cfg(str(tmp_path / "bucket"), model={"pretrained_image_weights": "imagenet"})
+    store = open_storage(cfg.storage)
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    weights = resnet18(weights=None).state_dict()
+    torch.save(weights, cache / Path(checkpoint.imagenet_url()).name)
+    loaded = read_image_weights(store, cfg.model)
+    assert loaded is not None and torch.equal(loaded["conv1.weight"], weights["conv1.weight"])
+
+    with socket.socket() as sock:  # a port on this machine that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(
+        checkpoint, "imagenet_url", lambda: f"http://127.0.0.1:{port}/resnet18-offline.pth"
+    )
+    with pytest.raises(ConfigError, match="model.pretrained_image_weights: 'imagenet' needs"):
+        read_image_weights(store, cfg.model)
