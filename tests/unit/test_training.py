@@ -447,7 +447,9 @@ def test_unusable_inputs_fail_before_training(tmp_path: Path) -> None:
         fit(store, Layout(), small, features, "mid", "bad")
 
 
-BEATS_CHANCE_AUC = 0.0  # measured below
+# The bar of the test below: measured with the default recipe, best validation ROC-AUC early
+# 0.913, mid 0.813, late 0.846 (chance 0.5; the old bar was an accuracy of 0.6).
+BEATS_CHANCE_AUC = 0.75
 
 
 @pytest.mark.slow  # 600 generated pairs, preprocessing and 3 x 6 epochs: a few minutes on a CPU
@@ -475,7 +477,6 @@ def test_each_fusion_beats_chance_on_the_generated_benchmark(tmp_path: Path) -> 
         fit(store, layout, cfg, features, fusion, "bench")
         epochs = jsonl(store, layout.epoch_log(fusion, "bench"))
         best = max(e["val_auc"] for e in epochs)
-        print(fusion, [round(e["val_auc"], 3) for e in epochs])
         assert best >= BEATS_CHANCE_AUC, (fusion, [e["val_auc"] for e in epochs])
 
 
