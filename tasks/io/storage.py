@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from config.schema import StorageConfig
 from tasks.errors import (
     AccessDenied,
     BucketNotFound,
@@ -82,20 +83,20 @@ class Storage(Protocol):
     def check(self) -> None: ...
 
 
-def open_storage(cfg: Any) -> Storage:
-    """Open the backend named by `cfg.uri` (a `StorageConfig`, or anything with its fields)."""
-    uri: str = cfg.uri
-    if uri.startswith("s3://"):
+def open_storage(cfg: StorageConfig) -> Storage:
+    """Open the backend named by `storage.uri`: S3 (AWS_ENDPOINT_URL wins over
+    `storage.endpoint_url`) or a local folder."""
+    if cfg.uri.startswith("s3://"):
         return S3Storage(
-            uri,
-            endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or getattr(cfg, "endpoint_url", None),
-            region=getattr(cfg, "region", None),
-            max_attempts=getattr(cfg, "max_attempts", 8),
-            max_pool_connections=getattr(cfg, "max_pool_connections", 16),
-            multipart_threshold=getattr(cfg, "multipart_threshold_mb", 64) << 20,
-            presign_expiry_s=getattr(cfg, "presign_expiry_s", 7 * 24 * 3600),
+            cfg.uri,
+            endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or cfg.endpoint_url,
+            region=cfg.region,
+            max_attempts=cfg.max_attempts,
+            max_pool_connections=cfg.max_pool_connections,
+            multipart_threshold=cfg.multipart_threshold_mb << 20,
+            presign_expiry_s=cfg.presign_expiry_s,
         )
-    return LocalStorage(uri)
+    return LocalStorage(cfg.uri)
 
 
 def read(storage: Storage, key: str) -> io.BytesIO:
