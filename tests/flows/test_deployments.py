@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -136,6 +137,22 @@ def test_work_pool_script_creates_a_process_pool(tmp_path, env_pool, arg, expect
         check=True,
     ).stdout
     assert f"prefect work-pool create {expected} --type process --overwrite" in out
+
+
+def test_the_projects_own_settings_turn_prefect_analytics_off() -> None:
+    """From the repository root, with nothing in the environment, Prefect reads analytics off
+    from prefect.toml: a `python -m flows...` run's temporary API sends no telemetry (and logs
+    no "Failed to send telemetry" ERROR)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("prefect")), "config", "view", "--show-sources"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "PREFECT_SERVER_ANALYTICS_ENABLED='False' (from prefect.toml)" in out
 
 
 # --- IAM policy -----------------------------------------------------------------------------------
