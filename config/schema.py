@@ -61,7 +61,14 @@ class StorageConfig(Section):
 
 class DataConfig(Section):
     sample_rate: PositiveInt = 16000  # audio is resampled to this rate before the log-mel
-    n_mels: PositiveInt = 128  # log-mel height (mel bands)
+    n_mels: PositiveInt = 128  # log-mel height (frequency bands, mel or linear)
+    # The audio front-end's bands: "mel" (fine at low frequencies, like hearing) or "linear"
+    # (evenly spaced up to the top: more resolution where vocoders leave their traces).
+    audio_bands: Literal["mel", "linear"] = "mel"
+    # Highest frequency the bands cover; None = Nyquist of sample_rate. Set 4000 for corpora with
+    # telephone (8 kHz) audio: every clip then looks alike in band whatever it was recorded at,
+    # so the missing top band of a narrow-band recording is neither a cue nor a confusion.
+    band_limit_hz: Annotated[float, Field(gt=0)] | None = None
     spec_frames: PositiveInt = 128  # log-mel width (time frames)
     image_size: PositiveInt = 224  # images become image_size x image_size RGB (see image_mode)
     # How an image becomes image_size x image_size: "resize" scales the whole picture; "crop"

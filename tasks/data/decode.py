@@ -85,17 +85,28 @@ def preprocess_audio(data: bytes, cfg: DataConfig, where: str = "<audio>") -> np
     return log_mel(mono, sr, cfg)
 
 
+def analysis_rate(cfg: DataConfig) -> int:
+    """The rate the front-end works at: `sample_rate`, or with `band_limit_hz` twice the limit
+    (when lower), so that the resampler's own low-pass removes everything above the limit and a
+    wideband and a narrow-band recording of the same sound arrive alike."""
+    if cfg.band_limit_hz is None:
+        return cfg.sample_rate
+    return min(cfg.sample_rate, int(round(2 * cfg.band_limit_hz)))
+
+
 def log_mel(y: np.ndarray, sr: int, cfg: DataConfig) -> np.ndarray:
     """Mono waveform at `sr` -> log-mel (1, n_mels, spec_frames) in [-1, 1], float32."""
     import librosa
 
-    if sr != cfg.sample_rate:
-        y = librosa.resample(y, orig_sr=sr, target_sr=cfg.sample_rate)
-    clip = int(round(cfg.clip_seconds * cfg.sample_rate))
+    rate = analysis_rate(cfg)
+    if sr != rate:
+        y = librosa.resample(y, orig_sr=sr, target_sr=rate)
+    clip = int(round(cfg.clip_seconds * rate))
     y = np.pad(y[:clip], (0, max(0, clip - len(y))))
     n_fft, hop = mel_params(cfg)
     spec = np.abs(librosa.stft(y, n_fft=n_fft, hop_length=hop, center=True)) ** 2
-    mel = _mel_basis(cfg.sample_rate, n_fft, cfg.n_mels) @ spec[:, : cfg.spec_frames]
+    bands = filterbank(cfg.audio_bands, rate, n_fft, cfg.n_mels, cfg.band_limit_hz)
+    mel = bands @ spec[:, : cfg.spec_frames]
     mel = np.pad(mel, ((0, 0), (0, max(0, cfg.spec_frames - mel.shape[1]))))
     peak = float(mel.max())
     if peak <= 1e-10:  # digital silence
@@ -108,18 +119,41 @@ def log_mel(y: np.ndarray, sr: int, cfg: DataConfig) -> np.ndarray:
 
 
 def mel_params(cfg: DataConfig) -> tuple[int, int]:
-    """(n_fft, hop): spec_frames hops span clip_seconds; the window covers at least two hops."""
-    clip = int(round(cfg.clip_seconds * cfg.sample_rate))
+    """(n_fft, hop) at `analysis_rate`: spec_frames hops span clip_seconds; the window covers at
+    least two hops."""
+    clip = int(round(cfg.clip_seconds * analysis_rate(cfg)))
     hop = max(1, clip // cfg.spec_frames)
     n_fft = max(1024, 1 << math.ceil(math.log2(2 * hop)))
     return n_fft, hop
 
 
-@lru_cache(maxsize=8)
-def _mel_basis(sr: int, n_fft: int, n_mels: int) -> np.ndarray:
-    import librosa
+def filterbank(
+    kind: str, sr: int, n_fft: int, n_bands: int, fmax: float | None = None
+) -> np.ndarray:
+    """(n_bands, n_fft // 2 + 1) float32 triangular filters from 0 Hz to `fmax` (default: the
+    Nyquist frequency, and never above it): mel-spaced (librosa's, Slaney-normalised) or
+    linearly spaced (each filter of unit area). Nothing above `fmax` reaches any band."""
+    top = min(float(fmax), sr / 2) if fmax is not None else sr / 2
+    return _filterbank(kind, sr, n_fft, n_bands, top)
 
-    return np.asarray(librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels), dtype=np.float32)
+
+@lru_cache(maxsize=16)
+def _filterbank(kind: str, sr: int, n_fft: int, n_bands: int, top: float) -> np.ndarray:
+    if kind == "mel":
+        import librosa
+
+        basis = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_bands, fmax=top)
+        return np.asarray(basis, dtype=np.float32)
+    if kind != "linear":
+        raise ValueError(f"audio bands {kind!r} are not one of mel, linear")
+    freqs = np.linspace(0.0, sr / 2, n_fft // 2 + 1)
+    edges = np.linspace(0.0, top, n_bands + 2)  # filter k spans edges[k] .. edges[k + 2]
+    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    rising = (freqs[None] - lo) / (mid - lo)
+    falling = (hi - freqs[None]) / (hi - mid)
+    tri = np.clip(np.minimum(rising, falling), 0.0, None)  # (n_bands, bins)
+    area = tri.sum(axis=1, keepdims=True)
+    return np.asarray(tri / np.maximum(area, 1e-12), dtype=np.float32)
 
 
 def _check_riff_wave(data: bytes, where: str) -> None:

@@ -68,6 +68,8 @@ def preprocessing_settings(cfg: DataConfig) -> dict[str, Any]:
         "format": FEATURE_FORMAT,
         "sample_rate": cfg.sample_rate,
         "n_mels": cfg.n_mels,
+        "audio_bands": cfg.audio_bands,
+        "band_limit_hz": cfg.band_limit_hz,
         "spec_frames": cfg.spec_frames,
         "clip_seconds": cfg.clip_seconds,
         "image_size": cfg.image_size,

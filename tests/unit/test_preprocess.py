@@ -436,3 +436,43 @@ def test_crop_mode_shards_give_centre_crops_for_evaluation_and_random_ones_for_t
     later = [it["image"] for it in train]
     assert any(not np.array_equal(a.numpy(), b.numpy()) for a, b in zip(first, later, strict=True))
     assert all(it["audio"].shape == (1, 8, 16) for it in train)  # a time shift keeps the shape
+
+
+# --- the audio front-end: band spacing and a band limit ----------------------------------------
+
+
+def test_linear_bands_are_evenly_spaced_up_to_the_top() -> None:
+    from tasks.data.decode import filterbank
+
+    bank = filterbank("linear", 16000, 1024, 16)
+    assert bank.shape == (16, 513)
+    freqs = np.linspace(0, 8000, 513)
+    centres = freqs[bank.argmax(axis=1)]
+    assert np.allclose(np.diff(centres), 8000 / 17, atol=16)  # evenly spaced, unlike mel
+    mel_centres = freqs[filterbank("mel", 16000, 1024, 16).argmax(axis=1)]
+    assert np.diff(mel_centres)[-1] > 3 * np.diff(mel_centres)[0]  # mel widens at the top
+    assert np.allclose(bank.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_band_limit_makes_a_wideband_and_a_telephone_recording_look_alike() -> None:
+    """A voice-band tone plus a 6 kHz component, at 16 kHz, against the same tone recorded at
+    8 kHz (telephone: nothing above 4 kHz survives). With band_limit_hz=4000 the two give the
+    same features; without it the wideband one shows its 6 kHz band (the sample rate leaks)."""
+
+    def mix(sr: int) -> bytes:
+        t = np.arange(sr) / sr
+        y = 0.4 * np.sin(2 * np.pi * 440 * t)
+        if sr > 12000:
+            y += 0.2 * np.sin(2 * np.pi * 6000 * t)
+        y *= np.minimum(1.0, np.minimum(t, t[-1] - t) / 0.02)  # 20 ms fades, as speech starts
+        buf = io.BytesIO()
+        sf.write(buf, y, sr, format="WAV", subtype="PCM_16")
+        return buf.getvalue()
+
+    for bands in ("mel", "linear"):
+        limited = DATA.model_copy(update={"band_limit_hz": 4000.0, "audio_bands": bands})
+        wide, phone = preprocess_audio(mix(16000), limited), preprocess_audio(mix(8000), limited)
+        assert np.abs(wide - phone).max() < 0.1, bands
+        full = DATA.model_copy(update={"audio_bands": bands})
+        gap = preprocess_audio(mix(16000), full) - preprocess_audio(mix(8000), full)
+        assert np.abs(gap).max() > 0.5, bands  # the 6 kHz band shows: the sample rate leaks
