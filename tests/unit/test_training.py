@@ -447,9 +447,11 @@ def test_unusable_inputs_fail_before_training(tmp_path: Path) -> None:
         fit(store, Layout(), small, features, "mid", "bad")
 
 
-# The bar of the test below: measured with the default recipe, best validation ROC-AUC early
-# 0.913, mid 0.813, late 0.846 (chance 0.5; the old bar was an accuracy of 0.6).
-BEATS_CHANCE_AUC = 0.75
+# The bar of the test below, measured with the default recipe (best validation ROC-AUC; chance
+# 0.5; the old bar was an accuracy of 0.6): early 0.913, mid 0.813, late 0.846 with numpy's
+# AVX-512 kernels, mid 0.745 without them. Six epochs at 32 px are short enough for the CPU's
+# rounding to move a fusion by several hundredths, so the bar keeps a margin below both.
+BEATS_CHANCE_AUC = 0.70
 
 
 @pytest.mark.slow  # 600 generated pairs, preprocessing and 3 x 6 epochs: a few minutes on a CPU
