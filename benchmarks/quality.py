@@ -7,8 +7,8 @@
 Every figure comes from a real `train-all-fusions` run: the flow function is called in this
 process (Prefect starts its own temporary API, as `make run` does), each run on a fresh temporary
 folder (`storage.uri`), and its `outputs/reports/<run>/metrics.json` is read back. Sizes:
-  - demo: `config/demo.yaml` (64 px images, 64 mel bands, 3 epochs);
-  - production: `config/config.yaml` (224 px, 128 mel bands, 5 epochs) with the folder as the
+  - demo: `config/demo.yaml` (64 px images, 64 mel bands, 15 epochs);
+  - production: `config/config.yaml` (224 px, 128 mel bands, 15 epochs) with the folder as the
     bucket, `generator.fill_empty_dataset=true` and `run.skip_if_unchanged=false`.
 Measured, per size and fusion, as mean ± std over `--seeds` (`run.seed`; the data's own seed,
 `generator.seed`, stays fixed, so the spread is that of training):
@@ -46,6 +46,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from config.cli import add_overrides
 from tasks.data.manifest import split_of, stable_fraction
 from tasks.data.synthetic import FAKE_FAMILIES
 
@@ -414,14 +415,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=True,
         help="consistency/emotion heads off, demo size (default: on)",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="extra override for every run",
-    )
+    add_overrides(parser, help="extra override for every run (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep each run's temporary folder")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON of every figure")
     args = parser.parse_args(argv)

@@ -15,15 +15,23 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", default="config/config.yaml", help="YAML config file (default: %(default)s)"
     )
+    add_overrides(parser)
+    return parser
+
+
+def add_overrides(
+    parser: argparse.ArgumentParser,
+    help: str = "override one setting, e.g. --set training.epochs=3 (repeatable)",
+) -> None:
+    """`--set SECTION.KEY=VALUE` (repeatable) into `args.overrides`, as `load_config` takes them."""
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override one setting, e.g. --set training.epochs=3 (repeatable)",
+        help=help,
     )
-    return parser
 
 
 def run_cli(
