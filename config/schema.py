@@ -38,7 +38,9 @@ class StorageConfig(Section):
     dataset_prefix: str = "dataset/"  # where the raw audio and images live
     outputs_prefix: str = "outputs/"  # where every product of a run lands
     max_attempts: PositiveInt = 8  # botocore adaptive-retry attempts per request
-    max_pool_connections: PositiveInt = 16  # HTTP connections kept per client
+    # HTTP connections kept per client; at least data.fetch_concurrency, or the GETs beyond it
+    # open and drop a connection each time.
+    max_pool_connections: PositiveInt = 64
     multipart_threshold_mb: PositiveInt = 64  # uploads at least this large go multipart
     presign_expiry_s: PositiveInt = 7 * 24 * 3600  # lifetime of links in Prefect artifacts
 
@@ -80,7 +82,13 @@ class DataConfig(Section):
     val_fraction: Fraction = 0.15  # share of pairs in the validation split (stable hash)
     test_fraction: Fraction = 0.15  # share of pairs in the test split (stable hash)
     shard_size: PositiveInt = 64  # pairs per feature shard
-    fetch_concurrency: PositiveInt = 8  # objects fetched at once while preprocessing
+    # Objects fetched at once while preprocessing (both files of a pair together). To keep the
+    # decoders fed it must cover the round trip: pairs/s x 2 x latency, e.g. 300 x 2 x 0.05 = 30.
+    fetch_concurrency: PositiveInt = 32
+    # Processes that decode while preprocessing, each on its own core (the GIL would hold threads
+    # to one): "auto" = the cores this process may use, at most one per 64 pairs (a process costs
+    # ~1 s to start); 1 = decode in the pipeline's own process. Each holds ~150 MB resident.
+    decode_workers: Literal["auto"] | PositiveInt = "auto"
     max_audio_seconds: Annotated[float, Field(gt=0)] = 60.0  # longer audio is refused as corrupt
     max_image_pixels: PositiveInt = 40_000_000  # larger images are refused (decompression bombs)
     # Audio is cut (or zero-padded) to this many seconds from its start before the log-mel, so the
@@ -197,3 +205,15 @@ class PipelineConfig(Section):
     training: TrainingConfig = TrainingConfig()
     memory: MemoryConfig = MemoryConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+
+    @model_validator(mode="after")
+    def _pool_covers_fetches(self) -> PipelineConfig:
+        if self.storage.uri.startswith("s3://") and (
+            self.data.fetch_concurrency > self.storage.max_pool_connections
+        ):
+            raise ValueError(
+                f"data.fetch_concurrency={self.data.fetch_concurrency} is more than "
+                f"storage.max_pool_connections={self.storage.max_pool_connections}: the GETs "
+                "beyond the pool would each open and drop a connection; raise the pool"
+            )
+        return self

@@ -1,17 +1,27 @@
 """The feature build, streamed: bucket objects -> in-memory decode -> shards in a content cache.
 
     build_features     every pair of a manifest, fetched with at most data.fetch_concurrency objects
-                       in flight, decoded in memory by `tasks/data/decode.py` (raw objects never
+                       in flight (both files of a pair at once), decoded in memory by
+                       `tasks/data/decode.py` in data.decode_workers processes (raw objects never
                        touch the local disk), written as shards (`tasks/data/shards.py`) under
-                       `Layout.features(<hash>)`
+                       `Layout.features(<hash>)` by a background thread
+
+The stages (`iter_decoded`): a thread pool fetches (I/O releases the GIL, so one process keeps
+the round trip covered); each pair whose two objects are in goes to a pool of spawned decode
+processes (`tasks/data/workers.py`: one core each, no fork of the threaded flow process, no
+storage client in them); results come back in manifest order, so shards, their names and the
+skipped list are the same whatever the number of processes; at most fetch_concurrency +
+2 x workers pairs are in flight and at most two finished shards wait for their PUT, so memory is
+bounded by that window, not by the dataset.
 
 The cache key is a hash of every pair's keys, ETags, label and split plus the preprocessing
 settings, so a second run on unchanged data finds `index.json` under that prefix and reads no raw
 object at all. The index is written last: a build that died half way is never taken for a hit.
 
-A file that cannot be decoded raises `CorruptSample` inside its decoder; `_load_pair` catches it
-(the one place) and the pair is skipped, counted and listed with the key and the reason in the
-run's skipped-file list (`Layout.skipped(run)`, together with the manifest's listing skips) and in
+A file that cannot be decoded raises `CorruptSample` inside its decoder; `decode_pair` catches it
+(the one place, in whichever process decodes) and the pair is skipped, counted and listed with
+the key and the reason in the run's skipped-file list (`Layout.skipped(run)`, together with the
+manifest's listing skips) and in
 `FeatureRef.skipped`. The step fails (`DataError`) only when no usable pair remains or a split has
 lost every real or every fake pair.
 """
@@ -21,20 +31,32 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import queue
+import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from config.schema import DataConfig
-from tasks.data.decode import preprocess_audio, preprocess_image
 from tasks.data.manifest import PairRow, check_splits, count_labels, read_manifest
 from tasks.data.shards import write_shard
 from tasks.data.skipped import write_skipped
-from tasks.errors import CorruptSample, DataError, ObjectNotFound
+from tasks.data.workers import (
+    DecodeResult,
+    Fetched,
+    decode_in_worker,
+    decode_pair,
+    decode_pool,
+    problem,
+)
+from tasks.errors import DataError, ObjectNotFound
 from tasks.io.layout import SPLITS, Layout
 from tasks.io.records import read_json, write_json
 from tasks.io.storage import Storage
@@ -89,53 +111,171 @@ class _Decoded:
     problems: list[dict[str, str]] = field(default_factory=list)
 
 
-def _load_pair(store: Storage, row: PairRow, cfg: DataConfig) -> _Decoded:
-    """Fetch and decode both files of a pair; the one place `CorruptSample` is caught."""
-    out = _Decoded(row=row, audio=None, image=None)
-    for key, decode in ((row.audio_key, preprocess_audio), (row.image_key, preprocess_image)):
-        where = store.uri(key)
-        try:
-            arr = decode(store.read_bytes(key), cfg, where)
-        except (CorruptSample, ObjectNotFound) as exc:
-            reason = str(exc)
-            reason = reason[len(where) + 2 :] if reason.startswith(where + ": ") else reason
-            if isinstance(exc, ObjectNotFound):
-                reason = "vanished after the manifest was built (" + reason + ")"
-            out.problems.append({"key": key, "reason": reason, "stage": "decode"})
-            continue
-        if decode is preprocess_audio:
-            out.audio = arr
-        else:
-            out.image = arr
-    return out
+# "auto" gives a decode process at most one per this many pairs: starting one (interpreter,
+# numpy, librosa) costs about a second, the time to decode ~100 pairs, so a small build (the
+# tests, a demo) decodes in its own process and a large one on every core.
+AUTO_PAIRS_PER_WORKER = 64
+
+
+def decode_workers(cfg: DataConfig, n_pairs: int) -> int:
+    """Processes that decode: `data.decode_workers`, or for "auto" the cores this process may use
+    (at most one per AUTO_PAIRS_PER_WORKER pairs); never more than there are pairs. 1 means
+    decoding in this process, no pool."""
+    if cfg.decode_workers != "auto":
+        return max(1, min(cfg.decode_workers, n_pairs))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, n_pairs // AUTO_PAIRS_PER_WORKER))
+
+
+def _fetch(store: Storage, key: str) -> Fetched:
+    """One object's bytes, or its skipped-file entry when it vanished since the manifest."""
+    try:
+        return store.read_bytes(key)
+    except ObjectNotFound as exc:
+        return problem(key, store.uri(key), exc)
 
 
 def iter_decoded(
-    store: Storage, rows: Sequence[PairRow], cfg: DataConfig, concurrency: int
+    store: Storage,
+    rows: Sequence[PairRow],
+    cfg: DataConfig,
+    concurrency: int,
+    workers: int = 1,
 ) -> Iterator[_Decoded]:
-    """Decode pairs in manifest order, at most `concurrency` pairs (2x objects) in flight."""
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="fetch") as pool:
-        pending: deque[Future[_Decoded]] = deque()
+    """Decode pairs, yielded in manifest order.
+
+    Both objects of a pair are fetched at once, by a pool of `concurrency` threads (so at most
+    that many GETs are in flight: the round trip is covered when it is at least the rate times
+    the latency). As soon as a pair's two objects are in, it is decoded: in one of `workers`
+    processes (each decodes on its own core, outside this process's GIL), or with `workers` = 1
+    in the fetching thread. At most `concurrency + 2 * workers` pairs are between fetch and
+    yield, so memory is bounded by that window, whatever the number of pairs.
+    """
+    window = concurrency + 2 * workers
+    with ExitStack() as stack:
+        fetchers = stack.enter_context(
+            ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="fetch")
+        )
+        decoders = None
+        if workers > 1:
+            decoders = decode_pool(cfg, workers)
+            # On an error below: drop the queued decodes instead of finishing them.
+            stack.callback(decoders.shutdown, wait=True, cancel_futures=True)
+
+        def start(row: PairRow) -> Future[DecodeResult]:
+            done: Future[DecodeResult] = Future()
+            keys = (row.audio_key, row.image_key)
+            wheres = (store.uri(keys[0]), store.uri(keys[1]))
+            fetches = [fetchers.submit(_fetch, store, k) for k in keys]
+            left = [2]
+            lock = threading.Lock()
+
+            def fetched(_: Future[Fetched]) -> None:
+                with lock:
+                    left[0] -= 1
+                    if left[0]:
+                        return
+                try:
+                    audio, image = fetches[0].result(), fetches[1].result()
+                    if decoders is None:
+                        done.set_result(decode_pair(audio, image, keys, wheres, cfg))
+                        return
+                    decoded = decoders.submit(decode_in_worker, audio, image, keys, wheres)
+                except BaseException as exc:  # noqa: BLE001 - handed to the consumer, re-raised
+                    done.set_exception(exc)
+                    return
+                decoded.add_done_callback(lambda f: _chain(f, done))
+
+            for f in fetches:
+                f.add_done_callback(fetched)
+            return done
+
+        pending: deque[tuple[PairRow, Future[DecodeResult]]] = deque()
         todo = iter(rows)
         for row in todo:
-            pending.append(pool.submit(_load_pair, store, row, cfg))
-            if len(pending) >= concurrency:
+            pending.append((row, start(row)))
+            if len(pending) >= window:
                 break
         while pending:
-            done = pending.popleft().result()
+            row, fut = pending.popleft()
+            try:
+                audio, image, problems = fut.result()
+            except BrokenProcessPool as exc:
+                raise DataError(
+                    f"a decode worker process died ({exc}); out of memory? Lower "
+                    f"data.decode_workers (now {cfg.decode_workers}, {workers} processes)"
+                ) from exc
             nxt = next(todo, None)
             if nxt is not None:
-                pending.append(pool.submit(_load_pair, store, nxt, cfg))
-            yield done
+                pending.append((nxt, start(nxt)))
+            yield _Decoded(row=row, audio=audio, image=image, problems=problems)
+
+
+def _chain(src: Future[Any], dst: Future[Any]) -> None:
+    if src.cancelled():
+        dst.cancel()
+    elif (exc := src.exception()) is not None:
+        dst.set_exception(exc)
+    else:
+        dst.set_result(src.result())
+
+
+class _Uploader:
+    """Encodes and writes shards on a background thread, so decoding never waits for a PUT.
+
+    At most `depth` shards wait to be written (memory stays bounded); the first error is raised
+    in the caller at the next `put` or at `close`.
+    """
+
+    def __init__(self, store: Storage, depth: int = 2) -> None:
+        self.store = store
+        self.queue: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    write_shard(self.store, job[0], **job[1])
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                    self.error = exc
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, key: str, arrays: dict[str, Any]) -> None:
+        self._raise()
+        self.queue.put((key, arrays))
+
+    def close(self, check: bool = True) -> None:
+        """Wait for every queued shard; with `check`, raise the first write error."""
+        self.queue.put(None)
+        self.thread.join()
+        if check:
+            self._raise()
 
 
 class _ShardWriter:
-    """Buffers decoded pairs of one split and writes a shard every `shard_size` pairs."""
+    """Buffers decoded pairs of one split and hands a shard to the uploader every `shard_size`
+    pairs (names and order fixed here, in manifest order, so shards are the same however many
+    processes decoded)."""
 
     def __init__(
-        self, store: Storage, layout: Layout, fhash: str, split: str, shard_size: int, crop: int
+        self,
+        uploader: _Uploader,
+        layout: Layout,
+        fhash: str,
+        split: str,
+        shard_size: int,
+        crop: int,
     ) -> None:
-        self.store, self.layout, self.fhash = store, layout, fhash
+        self.uploader, self.layout, self.fhash = uploader, layout, fhash
         self.split, self.shard_size, self.crop = split, shard_size, crop
         self.items: list[tuple[PairRow, np.ndarray, np.ndarray]] = []
         self.names: list[str] = []  # as the index records them
@@ -152,17 +292,18 @@ class _ShardWriter:
         name = self.layout.feature_shard_name(self.split, len(self.keys))
         key = self.layout.feature_file(self.fhash, name)
         rows = [row for row, _, _ in self.items]
-        write_shard(
-            self.store,
+        self.uploader.put(
             key,
-            audio=np.stack([a for _, a, _ in self.items]),  # (N, 1, n_mels, spec_frames)
-            image=np.stack([i for _, _, i in self.items]),  # (N, 3, S, S)
-            label=np.array([r.label for r in rows], dtype=np.int8),  # (N,)
-            pair_id=[r.pair_id for r in rows],
-            family=[r.family for r in rows],
-            audio_emotion=[r.emotion for r in rows],
-            image_emotion=[r.image_emotion for r in rows],
-            crop=self.crop,
+            {
+                "audio": np.stack([a for _, a, _ in self.items]),  # (N, 1, n_mels, spec_frames)
+                "image": np.stack([i for _, _, i in self.items]),  # (N, 3, S, S)
+                "label": np.array([r.label for r in rows], dtype=np.int8),  # (N,)
+                "pair_id": [r.pair_id for r in rows],
+                "family": [r.family for r in rows],
+                "audio_emotion": [r.emotion for r in rows],
+                "image_emotion": [r.image_emotion for r in rows],
+                "crop": self.crop,
+            },
         )
         self.names.append(name)
         self.keys.append(key)
@@ -199,20 +340,27 @@ def build_features(
         )
 
     crop = data.image_size if data.image_mode == "crop" else 0
-    writers = {s: _ShardWriter(store, layout, fhash, s, data.shard_size, crop) for s in SPLITS}
+    uploader = _Uploader(store)
+    writers = {s: _ShardWriter(uploader, layout, fhash, s, data.shard_size, crop) for s in SPLITS}
     kept: list[PairRow] = []
     decode_skips: dict[str, dict[str, str]] = {}  # key -> entry; a file shared by pairs once
     n_bad_pairs = 0
-    for item in iter_decoded(store, rows, data, data.fetch_concurrency):
-        for problem in item.problems:
-            decode_skips.setdefault(problem["key"], problem)
-        if item.audio is None or item.image is None:
-            n_bad_pairs += 1
-            continue
-        writers[item.row.split].add(item.row, item.audio, item.image)
-        kept.append(item.row)
-    for w in writers.values():
-        w.flush()
+    workers = decode_workers(data, len(rows))
+    try:
+        for item in iter_decoded(store, rows, data, data.fetch_concurrency, workers):
+            for problem in item.problems:
+                decode_skips.setdefault(problem["key"], problem)
+            if item.audio is None or item.image is None:
+                n_bad_pairs += 1
+                continue
+            writers[item.row.split].add(item.row, item.audio, item.image)
+            kept.append(item.row)
+        for w in writers.values():
+            w.flush()
+    except BaseException:
+        uploader.close(check=False)  # the error in hand is the one to report
+        raise
+    uploader.close()  # every shard written (or the first write error raised) before the index
 
     skipped = list(manifest.skipped) + list(decode_skips.values())
     skipped_key = write_skipped(store, layout, manifest.run, skipped)
