@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,8 +23,6 @@ from models.fusion import (
 )
 from models.image import ImageModel
 from models.rng import Dropout, seeded_init, use_generator
-
-log = logging.getLogger(__name__)
 
 FUSIONS = ("early", "mid", "late")
 
@@ -59,14 +56,13 @@ def build_model(
 
     `image_weights`: an optional torchvision ResNet18 state dict (what
     `model.pretrained_image_weights` names, already read by the caller) for the image branch of
-    the mid and late models. `n_emotions`: the size of the emotion vocabulary when emotion labels
-    are known (each modality then gets an emotion classifier); 0 without.
+    the mid and late models, and for the early one's image stem and joint trunk. `n_emotions`:
+    the size of the emotion vocabulary when emotion labels are known (each modality then gets an
+    emotion classifier); 0 without.
     """
     dim = cfg.model.embedding_dim
     if fusion == "early":
-        if image_weights is not None:
-            log.info("early fusion has no ResNet18 branch: model.pretrained_image_weights unused")
-        return EarlyFusionModel(dim, n_emotions)
+        return EarlyFusionModel(dim, n_emotions, image_weights)
     if fusion == "mid":
         return MidFusionModel(dim, image_weights, n_emotions)
     if fusion == "late":

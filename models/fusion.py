@@ -2,11 +2,9 @@
 [0, 1] and returns a `FusionOutput`: logit (B,), score = sigmoid(logit) (B,), and the audio and
 image emotion embeddings (B, D) that the consistency loss compares.
 
-- early: the inputs are joined before any learning: the log-mel is resized to the image grid and
-  stacked with the RGB channels, and one joint CNN decides. The same joint CNN also reads each
-  modality alone (the other one blanked), and those features give the per-modality emotion
-  embeddings, so the consistency signal compares what the voice and the face carry on their
-  own while still training the joint CNN.
+- early: a short stem per modality (ResNet18's first layers on the image, two conv blocks on the
+  log-mel), then the rest of ResNet18 reads the two joined as one stack of feature maps and
+  decides; per-modality encoders give the emotion embeddings.
 - mid: an `AudioModel` and an `ImageModel` each give an embedding; the two are concatenated and
   dense layers decide.
 - late: each modality has its own encoder and classifier; the two predictions are combined by a
@@ -30,9 +28,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock
 
 from models.audio import AudioModel, conv_block
-from models.image import ImageModel, ImageNorm
+from models.image import (
+    RESNET_FEATURES,
+    RESNET_STEM_FEATURES,
+    ImageModel,
+    ImageNorm,
+    load_resnet_weights,
+    resnet_trunk,
+)
 from models.rng import Dropout
 
 NO_EMOTIONS = torch.zeros(0, 0)  # the emotion logits of a model without emotion heads
@@ -112,59 +118,94 @@ def _output(
     return FusionOutput(logit, torch.sigmoid(logit), audio_emb, image_emb, audio_emo, image_emo)
 
 
-STEM_CHANNELS = 16  # each modality's stem: one conv block before the two are joined
-JOINT_CHANNELS = (64, 128, 256)  # widths of the early-fusion joint trunk's conv blocks
-BRANCH_CHANNELS = (32, 64, 128)  # the image stem's own encoder, for the face's emotion
+AUDIO_STEM_CHANNELS = (16, 32)  # the log-mel's stem: two conv blocks before it joins the image
+IMAGE_BRANCH_CHANNELS = 128  # the face's own emotion encoder on the image stem's features
+
+
+def widen_input(block: BasicBlock, extra: int, zero_extra: bool) -> None:
+    """Give a ResNet block `extra` more input channels (its first conv and its shortcut), keeping
+    the weights it has for the channels it already reads. The new channels start with ResNet's own
+    initialisation, or at zero (`zero_extra`, for pretrained weights: the block then computes
+    exactly what it did until training teaches it to use what the new channels bring)."""
+    downsample = block.downsample
+    if downsample is None:
+        raise ValueError("widen_input needs a block with a projection shortcut (stride 2)")
+    block.conv1 = _widened(block.conv1, extra, zero_extra)
+    downsample[0] = _widened(downsample[0], extra, zero_extra)
+
+
+def _widened(conv: nn.Module, extra: int, zero_extra: bool) -> nn.Conv2d:
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"expected a Conv2d, got {type(conv).__name__}")
+    wide = nn.Conv2d(
+        conv.in_channels + extra,
+        conv.out_channels,
+        kernel_size=conv.kernel_size,  # type: ignore[arg-type]
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,  # type: ignore[arg-type]
+        bias=False,
+    )
+    with torch.no_grad():
+        nn.init.kaiming_normal_(wide.weight, mode="fan_out", nonlinearity="relu")  # as ResNet
+        if zero_extra:
+            wide.weight[:, conv.in_channels :].zero_()
+        wide.weight[:, : conv.in_channels].copy_(conv.weight)
+    return wide
 
 
 class EarlyFusionModel(nn.Module):
-    """A light stem per modality, joined at once into one joint trunk.
+    """The two modalities joined after a short stem each, one ResNet18 trunk on the joined maps.
 
-    log-mel (B, 1, M, T) -> audio stem (B, 16, M/2, T/2) -> resized to the image stem's grid
-    RGB (B, 3, S, S)    -> image stem (B, 16, S/2, S/2)
-    concatenated (B, 32, S/2, S/2) -> joint trunk -> pooled (B, 256) -> [+ agreement] -> logit
+    RGB (B, 3, S, S)    -> ResNet18 conv1 + layer1     -> (B, 64, S/4, S/4)
+    log-mel (B, 1, M, T) -> two conv blocks (B, 32, M/4, T/4) -> resized to the S/4 grid
+    concatenated (B, 96, S/4, S/4) -> ResNet18 layer2..layer4 (layer2 widened to read the 32
+    audio channels too) -> pooled (B, 512) -> [+ agreement] -> logit
 
-    The decision is made on the joined inputs after a single layer per modality, so the fusion is
-    early. The emotion embeddings (what the consistency signal compares) come from encoders of
-    their own: an `AudioModel` (CNN + LSTM: pitch contour and rate need the time axis) on the
-    log-mel, and a small CNN on the image stem. The trunk is trained from scratch:
-    `model.pretrained_image_weights` does not apply here.
+    Five of ResNet18's seventeen weighted layers see the image alone, two the audio alone; every
+    other layer reads both, so the decision is made on the joined inputs: the fusion is early.
+    The trunk is ResNet18's own, so `model.pretrained_image_weights` fills the image stem and the
+    trunk (the widened inputs' audio channels start at zero). The emotion embeddings that the
+    consistency signal compares come from encoders of their own: an `AudioModel` (CNN + LSTM:
+    pitch contour and rate need the time axis) on the log-mel and a conv block on the image stem.
     """
 
-    def __init__(self, embedding_dim: int = 128, n_emotions: int = 0) -> None:
+    def __init__(
+        self,
+        embedding_dim: int = 128,
+        n_emotions: int = 0,
+        pretrained: Mapping[str, Tensor] | None = None,
+    ) -> None:
         super().__init__()
+        net = resnet_trunk()
+        if pretrained is not None:
+            load_resnet_weights(net, pretrained)
         self.norm = ImageNorm()
-        self.audio_stem = conv_block(1, STEM_CHANNELS)
-        self.image_stem = conv_block(3, STEM_CHANNELS)
-        widths = (2 * STEM_CHANNELS, *JOINT_CHANNELS)
-        self.joint = nn.Sequential(
-            *(conv_block(c_in, c_out) for c_in, c_out in itertools.pairwise(widths)),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
+        self.image_stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
+        widths = (1, *AUDIO_STEM_CHANNELS)
+        self.audio_stem = nn.Sequential(
+            *(conv_block(c_in, c_out) for c_in, c_out in itertools.pairwise(widths))
         )
+        widen_input(net.layer2[0], AUDIO_STEM_CHANNELS[-1], zero_extra=pretrained is not None)
+        self.joint = nn.Sequential(net.layer2, net.layer3, net.layer4, net.avgpool, nn.Flatten())
         self.audio_branch = AudioModel(embedding_dim)
-        self.image_branch = self._branch((STEM_CHANNELS, *BRANCH_CHANNELS), embedding_dim)
-        self.emotions = EmotionHeads(embedding_dim, n_emotions)
-        self.classifier = nn.Sequential(Dropout(0.2), nn.Linear(JOINT_CHANNELS[-1] + 1, 1))
-        self.consistency = ConsistencyHead()
-
-    @staticmethod
-    def _branch(widths: tuple[int, ...], embedding_dim: int) -> nn.Sequential:
-        return nn.Sequential(
-            *(conv_block(c_in, c_out) for c_in, c_out in itertools.pairwise(widths)),
+        self.image_branch = nn.Sequential(
+            conv_block(RESNET_STEM_FEATURES, IMAGE_BRANCH_CHANNELS),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
-            nn.Linear(widths[-1], embedding_dim),
+            nn.Linear(IMAGE_BRANCH_CHANNELS, embedding_dim),
         )
+        self.emotions = EmotionHeads(embedding_dim, n_emotions)
+        self.classifier = nn.Sequential(Dropout(0.2), nn.Linear(RESNET_FEATURES + 1, 1))
+        self.consistency = ConsistencyHead()
 
     def forward(self, audio: Tensor, image: Tensor) -> FusionOutput:
         _check_inputs(audio, image)
-        image_feats = self.image_stem(self.norm(image))  # (B, 16, S/2, S/2)
-        audio_feats = self.audio_stem(audio)  # (B, 16, M/2, T/2)
+        image_feats = self.image_stem(self.norm(image))  # (B, 64, S/4, S/4)
+        audio_feats = self.audio_stem(audio)  # (B, 32, M/4, T/4)
         audio_grid = F.interpolate(
             audio_feats, size=image_feats.shape[-2:], mode="bilinear", align_corners=False
-        )  # (B, 16, S/2, S/2)
-        joint = self.joint(torch.cat([audio_grid, image_feats], dim=1))  # (B, 256)
+        )  # (B, 32, S/4, S/4)
+        joint = self.joint(torch.cat([image_feats, audio_grid], dim=1))  # (B, 512)
         audio_emb = self.audio_branch(audio)  # (B, D)
         image_emb = self.image_branch(image_feats)  # (B, D)
         agree, audio_emo, image_emo = self.emotions(audio_emb, image_emb)

@@ -17,6 +17,7 @@ from torchvision.models import ResNet, resnet18
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # ResNet18's expected input statistics
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESNET_FEATURES = 512  # width of ResNet18's pooled features
+RESNET_STEM_FEATURES = 64  # channels after ResNet18's conv1 and layer1
 
 
 class ImageNorm(nn.Module):

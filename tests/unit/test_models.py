@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 import pytest
@@ -188,15 +187,42 @@ def test_pretrained_resnet_weights_fill_the_image_branch() -> None:
     assert torch.equal(model.image.backbone.conv1.weight, weights["conv1.weight"])
 
 
-def test_early_fusion_trains_its_joint_cnn_from_scratch(caplog: pytest.LogCaptureFixture) -> None:
+def test_pretrained_weights_fill_early_fusions_stem_and_joint_trunk() -> None:
+    torch.manual_seed(1)
     weights = resnet18(weights=None).state_dict()
-    caplog.set_level(logging.INFO, logger="models")
-    model = build_model("early", config(), image_weights=weights)
-    assert "pretrained_image_weights unused" in caplog.text
-    # one light stem per modality, then the joint trunk reads both stems' channels together
-    assert model.audio_stem[0].weight.shape[1] == 1 and model.image_stem[0].weight.shape[1] == 3
-    joint_in = model.joint[0][0].weight.shape[1]
-    assert joint_in == model.audio_stem[0].weight.shape[0] + model.image_stem[0].weight.shape[0]
+    model = build_model("early", config(), image_weights=weights).eval()
+    assert torch.equal(model.image_stem[0].weight, weights["conv1.weight"])
+    assert torch.equal(model.joint[2][1].conv2.weight, weights["layer4.1.conv2.weight"])
+    # the joint trunk's first block reads the image stem's 64 channels and the audio stem's 32;
+    # the image part holds the pretrained weights, the audio part starts at zero
+    first = model.joint[0][0].conv1.weight
+    assert first.shape[1] == 64 + model.audio_stem[-1][0].weight.shape[0]
+    assert torch.equal(first[:, :64], weights["layer2.0.conv1.weight"])
+    assert not first[:, 64:].any()
+    # so until training moves them, the trunk computes what the pretrained ResNet18 does
+    reference = resnet18(weights=None)
+    reference.load_state_dict(weights)
+    reference.eval()
+    feats = torch.rand(2, 64, 8, 8)
+    with torch.no_grad():
+        joined = model.joint(torch.cat([feats, torch.rand(2, 32, 8, 8)], dim=1))
+        plain = torch.flatten(
+            reference.avgpool(reference.layer4(reference.layer3(reference.layer2(feats)))), 1
+        )
+    torch.testing.assert_close(joined, plain)
+
+
+def test_early_fusion_from_scratch_uses_the_audio_channels_from_the_start() -> None:
+    torch.manual_seed(1)
+    model = build_model("early", config())
+    first = model.joint[0][0].conv1.weight
+    assert first[:, 64:].abs().sum() > 0  # ResNet's own initialisation, not zeros
+    model.eval()
+    audio, image = inputs()
+    with torch.no_grad():
+        a = model(audio, image).logit
+        b = model(torch.flip(audio, dims=[0]), image).logit
+    assert not torch.allclose(a, b)  # the decision depends on the voice too
 
 
 def test_foreign_weights_are_refused() -> None:
