@@ -3,6 +3,8 @@
     evaluate_run(cfg, store, layout, run, features, trained, manifest) -> EvaluationRef
         writes  outputs/reports/<run>/refs.json      what the run evaluated (config, refs)
                 outputs/reports/<run>/metrics.json   deterministic: same models + shards = same file
+                outputs/reports/<run>/predictions.csv  every test pair's calibrated score and
+                                                     decision per fusion (`predictions_csv`)
                 outputs/plots/<run>/<name>.png       the 19 plots (plots.plot_names)
     write_report(cfg, store, layout, evaluation, features, trained, manifest, decisions) -> key
         writes  outputs/reports/<run>/report.html    the self-contained report, rendered once from
@@ -27,6 +29,7 @@ reads the run's emotion vectors, so every plot can be redrawn from the bucket.
 
 from __future__ import annotations
 
+import csv
 import io
 import logging
 from collections.abc import Mapping, Sequence
@@ -51,7 +54,7 @@ from tasks.evaluate.calibration import (
 )
 from tasks.evaluate.report import render_report
 from tasks.io import records
-from tasks.io.layout import FAKE, REAL, Layout
+from tasks.io.layout import FAKE, LABEL_NAMES, REAL, Layout
 from tasks.io.storage import Storage
 from tasks.refs import EvaluationRef, FeatureRef, ManifestRef, TrainedRef
 
@@ -247,6 +250,34 @@ def calibrated_test(
     return {f: calibrated_scores(predictions[f].logit, points[f].temperature) for f in points}
 
 
+def predictions_csv(
+    predictions: Mapping[str, inference.Predictions], points: Mapping[str, OperatingPoint]
+) -> bytes:
+    """predictions.csv: one row per test pair (pair_id, label, family), then per fusion its
+    calibrated `score_<fusion>` and `decision_<fusion>` (fake when score >= the threshold), the
+    columns `detect` writes for new media. Rows in the first fusion's order (the test shards')."""
+    fusions = list(points)
+    scores = calibrated_test(predictions, points)
+    first = predictions[fusions[0]]
+    index = {f: {str(p): i for i, p in enumerate(predictions[f].pair_id)} for f in fusions}
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(
+        ["pair_id", "label", "family"]
+        + [c for f in fusions for c in (f"score_{f}", f"decision_{f}")]
+    )
+    for i, pid in enumerate(map(str, first.pair_id)):
+        row: list[Any] = [pid, LABEL_NAMES[int(first.label[i])], str(first.family[i])]
+        for f in fusions:
+            j = index[f].get(pid)
+            if j is None:
+                raise DataError(f"{f}: scored no test pair {pid} (the other fusions did)")
+            score = float(scores[f][j])
+            row += [repr(score), LABEL_NAMES[FAKE if score >= points[f].threshold else REAL]]
+        writer.writerow(row)
+    return out.getvalue().encode()
+
+
 def metrics_document(
     run: str,
     ev: EvaluationConfig,
@@ -429,6 +460,8 @@ def write_evaluation(
     reproduced = compare_with_stored(store, metrics_key, doc)
     records.write_json(store, metrics_key, doc)
 
+    predictions_key = layout.predictions(run)
+    store.write_bytes(predictions_key, predictions_csv(predictions, ops), "text/csv")
     scores = calibrated_test(predictions, ops)
     inputs = plot_inputs(cfg.evaluation, cfg.memory, store, layout, run, doc, predictions, scores)
     plot_keys = []

@@ -13,7 +13,8 @@ builds a key by hand:
     outputs/intermediates/<run>/emotion_vectors-<fusion>.npz   .../<run>/losses.csv
     outputs/logs/<run>/train-<fusion>.jsonl (per epoch)    outputs/logs/<run>/steps-<fusion>.jsonl
     outputs/plots/<run>/*.png
-    outputs/reports/<run>/{report.html,metrics.json,refs.json,champions.json}
+    outputs/reports/<run>/{report.html,metrics.json,refs.json,champions.json,predictions.csv}
+    outputs/detections/<id>/{detections.csv,skipped.json}
     outputs/runs/in-progress.json
 """
 
@@ -166,3 +167,19 @@ class Layout:
     def champion_decisions(self, run: str) -> str:
         """The run's champion decisions, one per fusion (tasks/runs/champions.py)."""
         return f"{self.reports(run)}champions.json"
+
+    def predictions(self, run: str) -> str:
+        """Every test pair's calibrated score and decision, per fusion (the evaluation's)."""
+        return f"{self.reports(run)}predictions.csv"
+
+    # scoring new media (tasks/evaluate/detect.py)
+    def detections(self, detection: str) -> str:
+        return f"{self.outputs}detections/{detection}/"
+
+    def detection_scores(self, detection: str) -> str:
+        """The scores and decisions of one `detect` run, one row per pair."""
+        return f"{self.detections(detection)}detections.csv"
+
+    def detection_skipped(self, detection: str) -> str:
+        """The files one `detect` run could not score, with the reason for each."""
+        return f"{self.detections(detection)}skipped.json"

@@ -37,6 +37,7 @@ def test_console_scripts_are_the_designed_ones():
         "deepfake-train",
         "deepfake-train-fusion",
         "deepfake-evaluate",
+        "deepfake-detect",
         "deepfake-make-dataset",
         "deepfake-iam-policy",
         "deepfake-stack",

@@ -258,6 +258,35 @@ def test_metrics_json_holds_the_fixed_and_the_fitted_threshold(tmp_path: Path) -
     assert again.reproduced is True and store.read_bytes(ref.metrics_key) == stored
 
 
+def test_predictions_csv_holds_each_pairs_calibrated_score_and_decision(tmp_path: Path) -> None:
+    import csv
+
+    cfg = PipelineConfig(storage=StorageConfig(uri=str(tmp_path)))
+    store = LocalStorage(str(tmp_path))
+    layout = Layout()
+    eval_inputs.write_training_outputs(store, layout, RUN, ("early", "mid"))
+    features, trained, _ = eval_inputs.refs(RUN, ("early", "mid"))
+    preds = {f: eval_inputs.predictions(f) for f in ("early", "mid")}
+    op = OperatingPoint(threshold=0.8, temperature=2.0, rule="fpr", target_fpr=0.05, n_val=40)
+    publish.write_evaluation(cfg, store, layout, RUN, features, trained, preds, {"mid": op})
+
+    text = store.read_bytes(layout.predictions(RUN)).decode()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert list(rows[0]) == [
+        "pair_id", "label", "family", "score_early", "decision_early", "score_mid", "decision_mid"
+    ]  # fmt: skip
+    assert [r["pair_id"] for r in rows] == list(preds["mid"].pair_id)
+    mid = calibrated_scores(preds["mid"].logit, 2.0)
+    early = calibrated_scores(preds["early"].logit, 1.0)  # no point: the fixed 0.5, T = 1
+    for i, r in enumerate(rows):
+        assert r["label"] == ("fake" if preds["mid"].label[i] == 1 else "real")
+        assert float(r["score_mid"]) == pytest.approx(mid[i], abs=1e-12)
+        assert r["decision_mid"] == ("fake" if mid[i] >= 0.8 else "real")
+        assert float(r["score_early"]) == pytest.approx(early[i], abs=1e-12)
+        assert r["decision_early"] == ("fake" if early[i] >= 0.5 else "real")
+    assert {r["decision_mid"] for r in rows} == {"fake", "real"}
+
+
 TINY = {
     "data": {"n_mels": 16, "spec_frames": 16, "image_size": 32},
     "model": {"embedding_dim": 16},
