@@ -42,7 +42,12 @@ CONFIG = "config/e2e.yaml"
 BUCKET = "deepfake-e2e"  # config/e2e.yaml's storage.uri
 FUSIONS = ("early", "mid", "late")
 RUN = f"e2e-{uuid.uuid4().hex[:8]}"  # run.name override: every key of the run is known
-DEPLOYMENTS = {"train-all-fusions/nightly", "train-fusion/fan-out", "evaluate-models/on-demand"}
+DEPLOYMENTS = {
+    "train-all-fusions/nightly",
+    "train-fusion/fan-out",
+    "evaluate-models/on-demand",
+    "detect/new-media",
+}
 WATCH_TIMEOUT_S = 600
 
 

@@ -50,7 +50,7 @@ def test_prefect_yaml_is_valid_for_prefect():
     from prefect.cli.deploy._models import PrefectYamlModel
 
     model = PrefectYamlModel.model_validate(prefect_yaml())
-    assert len(model.deployments) == 3 and all(d.name and d.entrypoint for d in model.deployments)
+    assert len(model.deployments) == 4 and all(d.name and d.entrypoint for d in model.deployments)
 
 
 def test_deployments_are_the_designed_ones():
@@ -58,6 +58,7 @@ def test_deployments_are_the_designed_ones():
         "train-all-fusions/nightly",
         "train-fusion/fan-out",
         "evaluate-models/on-demand",
+        "detect/new-media",
     }
     assert TRAIN_FUSION_DEPLOYMENT in deployment_names()  # what fan-out starts exists
 
