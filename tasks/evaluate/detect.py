@@ -478,9 +478,10 @@ def detect(
         len(detection.skipped), skipped_uri,
     )  # fmt: skip
     if not detection.rows:
+        which = "the pair has" if len(todo) == 1 else f"all {len(todo)} pairs have"
         raise DataError(
-            f"no pair could be scored: every one of the {len(todo)} pairs has a file that is "
-            f"missing or cannot be decoded (see {skipped_uri})"
+            f"no pair could be scored: {which} a file that is missing or cannot be decoded "
+            f"(see {skipped_uri})"
         )
     return DetectionRef(
         id=detection_id,
