@@ -89,11 +89,22 @@ class DataConfig(Section):
     # to one): "auto" = the cores this process may use, at most one per 64 pairs (a process costs
     # ~1 s to start); 1 = decode in the pipeline's own process. Each holds ~150 MB resident.
     decode_workers: Literal["auto"] | PositiveInt = "auto"
-    max_audio_seconds: Annotated[float, Field(gt=0)] = 60.0  # longer audio is refused as corrupt
     max_image_pixels: PositiveInt = 40_000_000  # larger images are refused (decompression bombs)
     # Audio is cut (or zero-padded) to this many seconds from its start before the log-mel, so the
     # spec_frames columns always span the same time: hop = clip_seconds * sample_rate / spec_frames.
     clip_seconds: Annotated[float, Field(gt=0)] = 2.0
+    # No length limit: a file of any length is fetched only as far as its first clip_seconds
+    # reach (tasks/data/decode.py, read_audio_prefix), never whole.
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_settings(cls, raw: object) -> object:
+        if isinstance(raw, dict) and "max_audio_seconds" in raw:
+            raise ValueError(
+                "max_audio_seconds was removed: audio of any length is now read only as far as "
+                "data.clip_seconds needs, so long files are no longer refused; delete the key"
+            )
+        return raw
 
 
 class GeneratorConfig(Section):

@@ -1,5 +1,8 @@
 """Decoding: the bytes of one audio or image file -> the array the models read, in memory.
 
+    read_audio_prefix  the chunks of an audio object -> only its first bytes, as many as the
+                       first data.clip_seconds need (the header says how many), so a file of any
+                       length (an hour, ten) is never fetched nor held whole
     preprocess_audio   WAV/FLAC/OGG bytes, any rate and channel count -> mono, resampled to
                        data.sample_rate, first data.clip_seconds -> log-mel (1, n_mels, spec_frames)
                        in [-1, 1] (0 dB = the clip's loudest bin, -80 dB and below = -1)
@@ -16,6 +19,8 @@ import io
 import math
 import struct
 import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -46,21 +51,105 @@ WAV_CODEC_NAMES = {
     0x2000: "AC-3",
 }
 WAVE_FORMAT_EXTENSIBLE = 0xFFFE
+# Codecs whose frames are all block_align bytes (one sample per channel per frame): the bytes a
+# clip needs are exact. The others (ADPCM, GSM) are reckoned from the header's bytes per second.
+WAV_FIXED_FRAME = {0x0001, 0x0003, 0x0006, 0x0007}
+# How far into a file its header may reach (metadata, album art, LIST chunks before the audio):
+# past this without finding where the audio starts, the prefix is decoded as it is.
+MAX_HEADER_BYTES = 16 << 20
+# Containers whose header gives no byte rate (OGG, MP3, AIFF...): a bound above any compressed
+# stream and above uncompressed PCM of up to 8 channels of 24 bit at 48 kHz (1.15 MB/s).
+GENERIC_HEAD_BYTES = 1 << 20
+GENERIC_BYTES_PER_S = 2 << 20
 
 
 # --------------------------------------------------------------------------------------------
 # Audio
 
 
+def read_audio_prefix(chunks: Iterable[bytes], cfg: DataConfig) -> bytes:
+    """The first bytes of an audio object, as many as decoding its first `clip_seconds` needs.
+
+    Consumes `chunks` (a storage stream) only until then; the caller closes the stream, so the
+    rest of a long file is never fetched. A file shorter than that comes back whole. When the
+    header does not say where the audio starts within MAX_HEADER_BYTES, that much comes back
+    and the decoder judges it.
+    """
+    buf = bytearray()
+    for chunk in chunks:
+        buf += chunk
+        needed = audio_bytes_needed(bytes(buf[:MAX_HEADER_BYTES]), cfg)
+        if needed is not None and len(buf) >= needed:
+            return bytes(buf[:needed])
+        if needed is None and len(buf) >= MAX_HEADER_BYTES:
+            return bytes(buf)
+    return bytes(buf)
+
+
+def audio_bytes_needed(head: bytes, cfg: DataConfig) -> int | None:
+    """Bytes from the start of an audio file that hold its first `clip_seconds` (and a margin),
+    from its first bytes `head`; None when `head` does not reach the start of the audio yet.
+    Never more than `max_prefix_bytes`, whatever a (broken) header claims."""
+    needed = _bytes_needed(head, cfg)
+    return None if needed is None else min(needed, max_prefix_bytes(cfg))
+
+
+def max_prefix_bytes(cfg: DataConfig) -> int:
+    """The most of one audio file ever fetched: the header allowance plus the clip at the
+    highest rate accepted, 8 channels of 32 bit (72 MB in all for a 2-s clip)."""
+    return MAX_HEADER_BYTES + math.ceil((cfg.clip_seconds + 0.25) * MAX_SAMPLE_RATE * 32)
+
+
+def _bytes_needed(head: bytes, cfg: DataConfig) -> int | None:
+    seconds = cfg.clip_seconds + 0.25  # the decoder reads clip + 1 frame; resampling edges
+    wav = _wav_layout(head)
+    if wav is not None:
+        if wav.data_start is None:
+            return None
+        if not MIN_SAMPLE_RATE <= wav.rate <= MAX_SAMPLE_RATE or wav.block_align <= 0:
+            return len(head)  # a broken header: the decoder refuses it with the reason
+        if wav.tag in WAV_FIXED_FRAME:
+            return wav.data_start + (math.ceil(seconds * wav.rate) + 2) * wav.block_align
+        per_s = max(wav.bytes_per_s, wav.block_align)
+        return wav.data_start + math.ceil(seconds * per_s) + 4 * wav.block_align
+    if head[:4] == b"fLaC":
+        return _flac_bytes_needed(head, seconds)
+    return GENERIC_HEAD_BYTES + math.ceil((seconds + 1.0) * GENERIC_BYTES_PER_S)
+
+
+def _flac_bytes_needed(head: bytes, seconds: float) -> int | None:
+    """FLAC: past the metadata blocks, at most the uncompressed size of the clip (+ frame
+    headers); STREAMINFO (always the first block) gives rate, channels and bits per sample."""
+    pos, streaminfo = 4, None
+    while True:
+        if pos + 4 > len(head):
+            return None
+        last, kind = head[pos] & 0x80, head[pos] & 0x7F
+        size = int.from_bytes(head[pos + 1 : pos + 4], "big")
+        if kind == 0 and size >= 18 and pos + 4 + 18 <= len(head):
+            streaminfo = head[pos + 4 : pos + 4 + 18]
+        pos += 4 + size
+        if last:
+            break
+    if streaminfo is None:
+        return len(head)  # no STREAMINFO: broken, the decoder refuses it
+    bits = int.from_bytes(streaminfo[10:14], "big")
+    rate, channels, depth = bits >> 12, ((bits >> 9) & 0x7) + 1, ((bits >> 4) & 0x1F) + 1
+    per_s = rate * channels * math.ceil(depth / 8)
+    return pos + math.ceil(seconds * per_s * 1.1) + (64 << 10)
+
+
 def preprocess_audio(data: bytes, cfg: DataConfig, where: str = "<audio>") -> np.ndarray:
     """Decode audio bytes to a normalised log-mel, float32 (1, n_mels, spec_frames).
 
-    Raises `CorruptSample` naming `where` for anything that
-    cannot be decoded: empty, truncated, not audio, unsupported codec, absurd rate or length.
+    `data` is the whole file or its first bytes (`read_audio_prefix`): only the first
+    `clip_seconds` are decoded, whatever the length the header declares. Raises `CorruptSample`
+    naming `where` for anything that cannot be decoded: empty, truncated within the clip, not
+    audio, unsupported codec, absurd rate.
     """
     if not data:
         raise CorruptSample(f"{where}: empty file (0 bytes)")
-    _check_riff_wave(data, where)
+    _check_riff_wave(data, where, cfg)
     try:
         with sf.SoundFile(io.BytesIO(data)) as snd:
             sr, frames, channels = snd.samplerate, snd.frames, snd.channels
@@ -68,11 +157,6 @@ def preprocess_audio(data: bytes, cfg: DataConfig, where: str = "<audio>") -> np
                 raise CorruptSample(f"{where}: absurd sample rate {sr} Hz")
             if frames <= 0:
                 raise CorruptSample(f"{where}: holds no audio frames")
-            if frames / sr > cfg.max_audio_seconds:
-                raise CorruptSample(
-                    f"{where}: {frames / sr:.1f} s long, over data.max_audio_seconds="
-                    f"{cfg.max_audio_seconds}"
-                )
             need = min(frames, math.ceil(cfg.clip_seconds * sr) + 1)
             y = snd.read(need, dtype="float32", always_2d=True)  # (frames, channels)
     except (sf.SoundFileError, RuntimeError, ValueError, TypeError, EOFError) as exc:
@@ -156,14 +240,23 @@ def _filterbank(kind: str, sr: int, n_fft: int, n_bands: int, top: float) -> np.
     return np.asarray(tri / np.maximum(area, 1e-12), dtype=np.float32)
 
 
-def _check_riff_wave(data: bytes, where: str) -> None:
-    """For RIFF/WAVE: refuse codecs libsndfile cannot decode and data chunks cut short.
+@dataclass(frozen=True)
+class _WavLayout:
+    """What a RIFF/WAVE header says (the fields the prefix and truncation checks need)."""
 
-    libsndfile silently reads what is there of a truncated file, so the chunk sizes are checked
-    here against the bytes actually present.
-    """
+    tag: int | None = None  # codec (the sub-format's, for WAVE_FORMAT_EXTENSIBLE)
+    rate: int = 0
+    bytes_per_s: int = 0
+    block_align: int = 0
+    data_start: int | None = None  # offset of the first audio byte
+    data_size: int | None = None  # the data chunk's declared size (0 / 0xFFFFFFFF: unknown)
+
+
+def _wav_layout(data: bytes) -> _WavLayout | None:
+    """The RIFF/WAVE header of `data` (the file or its first bytes); None when not RIFF/WAVE."""
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        return
+        return None
+    fields: dict[str, int] = {}
     pos = 12
     while pos + 8 <= len(data):
         chunk_id, size = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
@@ -172,20 +265,52 @@ def _check_riff_wave(data: bytes, where: str) -> None:
             tag = struct.unpack("<H", data[body : body + 2])[0]
             if tag == WAVE_FORMAT_EXTENSIBLE and size >= 26 and body + 26 <= len(data):
                 tag = struct.unpack("<H", data[body + 24 : body + 26])[0]
-            if tag not in WAV_CODECS:
-                name = WAV_CODEC_NAMES.get(tag, "unknown")
-                raise CorruptSample(
-                    f"{where}: unsupported WAV codec 0x{tag:04X} ({name}); "
-                    f"supported: {', '.join(WAV_CODECS.values())}"
-                )
+            fields["tag"] = tag
+            if size >= 14 and body + 14 <= len(data):
+                _, rate, per_s, align = struct.unpack("<HIIH", data[body + 2 : body + 14])
+                fields.update(rate=rate, bytes_per_s=per_s, block_align=align)
         elif chunk_id == b"data":
-            present = len(data) - body
-            if size not in (0, 0xFFFFFFFF) and size > present:
-                raise CorruptSample(
-                    f"{where}: truncated: the data chunk declares {size} bytes, {present} present"
-                )
-            return
+            return _WavLayout(**fields, data_start=body, data_size=size)
         pos = body + size + (size & 1)
+    return _WavLayout(**fields)
+
+
+def _check_riff_wave(data: bytes, where: str, cfg: DataConfig) -> None:
+    """For RIFF/WAVE: refuse codecs libsndfile cannot decode and data cut short within the clip.
+
+    libsndfile silently reads what is there of a truncated file, so the data chunk's declared
+    size is checked here against the bytes present: they must cover the whole chunk or at
+    least the part the clip needs (`data` may be a prefix: `read_audio_prefix`).
+    """
+    wav = _wav_layout(data)
+    if wav is None:
+        return
+    if wav.tag is not None and wav.tag not in WAV_CODECS:
+        name = WAV_CODEC_NAMES.get(wav.tag, "unknown")
+        raise CorruptSample(
+            f"{where}: unsupported WAV codec 0x{wav.tag:04X} ({name}); "
+            f"supported: {', '.join(WAV_CODECS.values())}"
+        )
+    if wav.rate and not MIN_SAMPLE_RATE <= wav.rate <= MAX_SAMPLE_RATE:
+        raise CorruptSample(f"{where}: absurd sample rate {wav.rate} Hz")
+    if wav.data_start is None or wav.data_size is None:
+        return
+    size, present = wav.data_size, len(data) - wav.data_start
+    if size in (0, 0xFFFFFFFF) or size <= present:
+        return
+    if wav.rate > 0 and wav.block_align > 0:
+        frames = math.ceil(cfg.clip_seconds * wav.rate) + 1
+        per_s = max(wav.bytes_per_s, wav.block_align)
+        clip = (
+            frames * wav.block_align
+            if wav.tag in WAV_FIXED_FRAME
+            else math.ceil(cfg.clip_seconds * per_s)
+        )
+        if present >= min(size, clip):
+            return
+    raise CorruptSample(
+        f"{where}: truncated: the data chunk declares {size} bytes, {present} present"
+    )
 
 
 # --------------------------------------------------------------------------------------------

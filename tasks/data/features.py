@@ -38,13 +38,14 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from config.schema import DataConfig
+from tasks.data.decode import read_audio_prefix
 from tasks.data.manifest import PairRow, check_splits, count_labels, read_manifest
 from tasks.data.shards import write_shard
 from tasks.data.skipped import write_skipped
@@ -97,7 +98,6 @@ def preprocessing_settings(cfg: DataConfig) -> dict[str, Any]:
         "image_size": cfg.image_size,
         "image_mode": cfg.image_mode,
         "crop_margin": cfg.crop_margin if cfg.image_mode == "crop" else 0,
-        "max_audio_seconds": cfg.max_audio_seconds,
         "max_image_pixels": cfg.max_image_pixels,
         "shard_size": cfg.shard_size,
     }
@@ -130,9 +130,13 @@ def decode_workers(cfg: DataConfig, n_pairs: int) -> int:
     return max(1, min(cores, n_pairs // AUTO_PAIRS_PER_WORKER))
 
 
-def _fetch(store: Storage, key: str) -> Fetched:
-    """One object's bytes, or its skipped-file entry when it vanished since the manifest."""
+def _fetch(store: Storage, key: str, audio: DataConfig | None = None) -> Fetched:
+    """One object's bytes, or its skipped-file entry when it vanished since the manifest. With
+    `audio`, only the first bytes its first clip_seconds need (a long file is never read whole)."""
     try:
+        if audio is not None:
+            with closing(store.stream(key)) as chunks:
+                return read_audio_prefix(chunks, audio)
         return store.read_bytes(key)
     except ObjectNotFound as exc:
         return problem(key, store.uri(key), exc)
@@ -169,7 +173,10 @@ def iter_decoded(
             done: Future[DecodeResult] = Future()
             keys = (row.audio_key, row.image_key)
             wheres = (store.uri(keys[0]), store.uri(keys[1]))
-            fetches = [fetchers.submit(_fetch, store, k) for k in keys]
+            fetches = [
+                fetchers.submit(_fetch, store, keys[0], cfg),
+                fetchers.submit(_fetch, store, keys[1]),
+            ]
             left = [2]
             lock = threading.Lock()
 

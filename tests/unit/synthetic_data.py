@@ -34,7 +34,6 @@ TINY_DATA = {
     "fetch_concurrency": 2,
     "val_fraction": 0.2,
     "test_fraction": 0.2,
-    "max_audio_seconds": 5.0,
     "max_image_pixels": 4_000_000,
 }
 
@@ -171,6 +170,14 @@ def wav_with_codec(tag: int) -> bytes:
     return bytes(data)
 
 
+def wav_with_rate(rate: int) -> bytes:
+    """A WAV whose header claims `rate` samples per second (the audio itself is 16 kHz)."""
+    data = bytearray(wav_bytes(0.5))
+    pos = data.find(b"fmt ")
+    data[pos + 12 : pos + 16] = struct.pack("<I", rate)
+    return bytes(data)
+
+
 def bad_files() -> dict[str, tuple[bytes, str]]:
     """Key under dataset/ -> (content, a phrase the reported reason must contain).
 
@@ -184,7 +191,7 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
         "audio/fake/bad-truncated.wav": (good_wav[: len(good_wav) // 2], "truncated"),
         "audio/real/bad-text.wav": (b"this is a text file, not audio\n" * 20, "not a readable"),
         "audio/fake/bad-codec.wav": (wav_with_codec(0x0055), "unsupported WAV codec"),
-        "audio/real/bad-too-long.wav": (wav_bytes(6.0, sr=8000), "max_audio_seconds"),
+        "audio/real/bad-absurd-rate.wav": (wav_with_rate(10**9), "absurd sample rate"),
         "images/fake/bad-truncated.jpg": (good_jpg[: len(good_jpg) // 2], "not a readable"),
         "images/real/bad-truncated.png": (good_png[: len(good_png) // 2], "not a readable"),
         "images/fake/bad-text.png": (b"<html>not an image</html>" * 10, "not a readable image"),
