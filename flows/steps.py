@@ -206,11 +206,43 @@ def train_fusion_task(
 # --- run bookkeeping and nightly decisions ---------------------------------------------------
 
 
+# States of a flow run that may still be working on its run (tasks/runs/ids.py: never adopt it).
+LIVE_STATES = frozenset({"RUNNING", "PENDING", "PAUSED", "CANCELLING"})
+
+
+def live_flow_run_state(flow_run_id: str) -> str | None:
+    """The state name of flow run `flow_run_id` when it is live, else None (also when the API
+    no longer knows it). `ids.Liveness`, asked through this flow run's Prefect client."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound as FlowRunNotFound
+
+    try:
+        run_id = UUID(flow_run_id)
+    except ValueError:
+        return None  # not a flow run id: no flow run can hold the record
+    with get_client(sync_client=True) as client:
+        try:
+            flow_run = client.read_flow_run(run_id)
+        except FlowRunNotFound:
+            return None
+    state = flow_run.state
+    if state is None or state.type.value not in LIVE_STATES:
+        return None
+    return f"{state.name} ({flow_run.name})"
+
+
 @task(name="start-run", **IO_RETRIES)
 def start_run(cfg: PipelineConfig) -> ids.RunRef:
-    """Pick the run id: run.name, else an interrupted run with the same settings, else new."""
+    """Pick the run id: run.name, else an interrupted run with the same settings, else new;
+    refuses (RunInProgress) while another live flow run holds the in-progress record."""
+    from prefect.runtime import flow_run
+
     store = storage.open_storage(cfg.storage)
-    started = ids.start_run(store, Layout.from_config(cfg.storage), cfg)
+    holder = flow_run.get_id()
+    layout = Layout.from_config(cfg.storage)
+    started = ids.start_run(store, layout, cfg, holder=holder, live=live_flow_run_state)
     if started.resumed:
         get_run_logger().info(
             "run %s was interrupted; resuming it from its checkpoints", started.run

@@ -10,7 +10,8 @@
     │   └── StorageUnavailable   connection refused / timed out (transient)
     ├── CorruptSample            one input file cannot be decoded; skipped and reported
     ├── DataError                no usable data left (e.g. an empty class in a split)
-    └── CheckpointError          a model or checkpoint file is missing, foreign or unsafe
+    ├── CheckpointError          a model or checkpoint file is missing, foreign or unsafe
+    └── RunInProgress            another live flow run holds the in-progress run record
 
 `DetectorError` and `ConfigError` are defined in `config/errors.py` (the config loader raises
 them and `config/` imports nothing from `tasks/`) and re-exported here with the rest of the tree.
@@ -30,6 +31,7 @@ __all__ = [
     "DataError",
     "DetectorError",
     "ObjectNotFound",
+    "RunInProgress",
     "StorageError",
     "StorageUnavailable",
     "Throttled",
@@ -72,6 +74,11 @@ class DataError(DetectorError):
 
 class CheckpointError(DetectorError):
     """A model or checkpoint file is missing, of another format, or not safe to load."""
+
+
+class RunInProgress(DetectorError):
+    """Another live flow run holds the in-progress run record; this one must not start beside
+    it nor adopt its run id (tasks/runs/ids.py)."""
 
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (

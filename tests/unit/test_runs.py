@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from config.schema import PipelineConfig
+from tasks.errors import RunInProgress
 from tasks.io.layout import Layout
 from tasks.io.storage import LocalStorage
 from tasks.runs import history
@@ -56,3 +59,27 @@ def test_start_computes_the_fingerprint_once_and_finish_records_the_run(tmp_path
     last = history.read_last_run(store, layout)
     assert last is not None and (last.run, last.data_hash) == (started.run, "data-a")
     assert last.config_hash == started.config_hash
+
+
+def test_a_live_holder_keeps_its_run_and_a_dead_ones_is_adopted(tmp_path: Path) -> None:
+    """The record names its flow run; `live` (Prefect's view, faked here) decides adoption."""
+    store, layout = LocalStorage(str(tmp_path)), Layout()
+    states = {"night-1": "Running"}
+
+    def live(flow_run_id: str) -> str | None:
+        return states.get(flow_run_id)
+
+    run, resumed = begin_run(store, layout, "cfg", holder="night-1", live=live)
+    assert not resumed
+    assert json.loads(store.read_bytes(layout.in_progress()))["flow_run_id"] == "night-1"
+    assert begin_run(store, layout, "cfg", holder="night-1", live=live) == (run, True)  # retry
+    for config in ("cfg", "other-cfg"):  # neither adopted nor replaced while night-1 lives
+        with pytest.raises(RunInProgress, match=f"run {run} is held by flow run night-1"):
+            begin_run(store, layout, config, holder="night-2", live=live)
+    assert json.loads(store.read_bytes(layout.in_progress()))["flow_run_id"] == "night-1"
+    states.pop("night-1")  # crashed: no longer live
+    assert begin_run(store, layout, "cfg", holder="night-2", live=live) == (run, True)
+    assert json.loads(store.read_bytes(layout.in_progress()))["flow_run_id"] == "night-2"
+    states["night-2"] = "Running"
+    with pytest.raises(RunInProgress, match="held by flow run night-2"):
+        begin_run(store, layout, "cfg", holder="night-3", live=live)
