@@ -248,9 +248,10 @@ def _pairs_by_name(
 # --- scoring ---------------------------------------------------------------------------------
 
 
-def fetch(store: Storage, name: str) -> tuple[Fetched, str]:
+def fetch(store: Storage, name: str, dataset_prefix: str = "") -> tuple[Fetched, str]:
     """(bytes, or its skipped-file entry; the URI or path that names it): a local file when
-    `name` is one, else the object at key `name` in `store`."""
+    `name` is one, else the object at key `name` in `store`, else (as pairs.csv keys may be) at
+    `dataset_prefix` + `name`."""
     path = Path(name).expanduser()
     if path.is_file():
         try:
@@ -258,19 +259,25 @@ def fetch(store: Storage, name: str) -> tuple[Fetched, str]:
         except OSError as exc:
             return _entry(name, f"cannot read the local file ({exc.strerror})", "fetch"), str(path)
     key = name.lstrip("/")
-    where = store.uri(key) if key else name
     if not key:
-        return _entry(name, "empty key", "fetch"), where
-    try:
-        return store.read_bytes(key), where
-    except StorageError as exc:
-        if is_transient_error(exc):
-            raise  # the store is unwell, not the file: the task's retries are for this
-        reason = str(exc)
-        reason = reason[len(where) + 2 :] if reason.startswith(where + ": ") else reason
-        if isinstance(exc, ObjectNotFound):
-            reason = f"neither a local file nor an object in {store.uri('')} ({reason})"
-        return _entry(name, reason, "fetch"), where
+        return _entry(name, "empty key", "fetch"), name
+    keys = [key]
+    if dataset_prefix and not key.startswith(dataset_prefix):
+        keys.append(dataset_prefix + key)
+    for candidate in keys:
+        where = store.uri(candidate)
+        try:
+            return store.read_bytes(candidate), where
+        except ObjectNotFound:
+            continue
+        except StorageError as exc:
+            if is_transient_error(exc):
+                raise  # the store is unwell, not the file: the task's retries are for this
+            reason = str(exc)
+            reason = reason[len(where) + 2 :] if reason.startswith(where + ": ") else reason
+            return _entry(name, reason, "fetch"), where
+    tried = " nor ".join(store.uri(k) for k in keys)
+    return _entry(name, f"neither a local file nor an object ({tried})", "fetch"), store.uri(key)
 
 
 def _entry(key: str, reason: str, stage: str) -> dict[str, str]:
@@ -310,8 +317,10 @@ def score_pairs(
     device: torch.device,
     concurrency: int = 8,
     chunk: int = CHUNK,
+    dataset_prefix: str = "",
 ) -> Detection:
-    """Every pair scored by every detector, in the order given; pairs with a bad file skipped."""
+    """Every pair scored by every detector, in the order given; pairs with a bad file skipped.
+    A key found neither locally nor at the storage root is looked for under `dataset_prefix`."""
     result = Detection(fusions=[d.fusion for d in detectors])
     # Detectors that preprocess alike share one decode.
     groups: dict[str, list[Detector]] = {}
@@ -322,7 +331,9 @@ def score_pairs(
         for start in range(0, len(pairs), chunk):
             part = list(pairs[start : start + chunk])
             names = [n for pair in part for n in pair]
-            fetched = dict(zip(names, pool.map(lambda n: fetch(store, n), names), strict=True))
+            fetched = dict(
+                zip(names, pool.map(lambda n: fetch(store, n, dataset_prefix), names), strict=True)
+            )
             scores: dict[str, dict[int, float]] = {}
             bad: set[int] = set()
             for members in groups.values():
@@ -457,7 +468,10 @@ def detect(
         todo, skipped = pairs_under_prefix(store, cfg, str(prefix))
 
     device = inference.pick_device(cfg.evaluation.device)
-    detection = score_pairs(store, detectors, todo, device, cfg.data.fetch_concurrency)
+    detection = score_pairs(
+        store, detectors, todo, device, cfg.data.fetch_concurrency,
+        dataset_prefix=cfg.storage.dataset_prefix,
+    )  # fmt: skip
     detection.skipped[:0] = skipped
 
     detection_id = new_detection_id()

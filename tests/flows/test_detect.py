@@ -99,6 +99,39 @@ def test_detect_pairs_gives_the_evaluations_scores(trained, tmp_path: Path) -> N
     assert read_csv(again) == got
 
 
+def test_dataset_pairs_csv_key_and_prefix_pair_as_training(trained, tmp_path: Path) -> None:
+    """`--pairs dataset/pairs.csv` (a bucket key; its keys are relative to dataset/) and
+    `--prefix dataset/` (paired as the manifest pairs it) score every pair the run trained and
+    tested on; the test pairs' scores are the evaluation's."""
+    manifest = read_manifest(
+        LocalStorage(str(trained["bucket"])), Layout().manifest(trained["run"])
+    )
+    test_ids = {r.pair_id for r in trained["test_rows"]}
+
+    by_csv = tmp_path / "by-csv.csv"
+    assert detect_cli(trained, "--pairs", "dataset/pairs.csv", "--out", str(by_csv)) == 0
+    rows = [
+        {**r, "audio_key": "dataset/" + r["audio_key"], "image_key": "dataset/" + r["image_key"]}
+        for r in read_csv(by_csv)
+    ]
+    assert {(r["audio_key"], r["image_key"]) for r in rows} == {
+        (m.audio_key, m.image_key) for m in manifest
+    }
+    tested = [r for r in rows if pair_id_of(r["audio_key"], r["image_key"]) in test_ids]
+    assert len(tested) == len(test_ids)
+    check_against_evaluation(tested, trained)
+
+    by_prefix = tmp_path / "by-prefix.csv"
+    assert detect_cli(trained, "--prefix", "dataset/", "--out", str(by_prefix)) == 0
+    got = read_csv(by_prefix)
+    assert sorted((g["audio_key"], g["image_key"]) for g in got) == sorted(
+        (r["audio_key"], r["image_key"]) for r in rows
+    )
+    check_against_evaluation(
+        [g for g in got if pair_id_of(g["audio_key"], g["image_key"]) in test_ids], trained
+    )
+
+
 def test_detect_single_local_pair_and_bucket_default(trained, tmp_path: Path) -> None:
     row = trained["test_rows"][0]
     audio = tmp_path / "clip.wav"
