@@ -155,11 +155,7 @@ def load_detectors(
             ) from exc
         data = PipelineConfig.model_validate(meta["config"]).data
         point = publish.operating_point(store, key, meta, cfg.evaluation)
-        detectors.append(Detector(name, model_run, key, model, data, point))
-        log.info(
-            "%s: run %s (%s), threshold %.4f, temperature %.4f",
-            name, model_run, store.uri(key), point.threshold, point.temperature,
-        )  # fmt: skip
+        detectors.append(Detector(name, model_run, key, model, data, point))  # point: logged
     return detectors
 
 
