@@ -26,7 +26,7 @@ from tasks.evaluate import detect
 from tasks.evaluate.calibration import OperatingPoint
 from tasks.io import records
 from tasks.io.layout import Layout
-from tasks.io.storage import LocalStorage
+from tasks.io.storage import LocalStorage, open_storage
 from tasks.runs.champions import Champion
 from tasks.train.checkpoint import save_model
 
@@ -61,13 +61,9 @@ def png_bytes(seed: int, size: tuple[int, int] = (57, 45)) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture
-def bucket(tmp_path: Path) -> tuple[PipelineConfig, LocalStorage, dict[str, torch.nn.Module]]:
-    """A local bucket with an early and a mid champion (no late one), trained in crop mode; the
-    config used to score has today's defaults (resize, 224 px), which must not apply."""
-    root = tmp_path / "bucket"
-    cfg = PipelineConfig(storage=StorageConfig(uri=str(root)))
-    store = LocalStorage(str(root))
+def fill(store) -> dict[str, torch.nn.Module]:
+    """An early and a mid champion (no late one), trained in crop mode, and three pairs of new
+    media under incoming/; returns the models."""
     layout = Layout()
     models = {}
     for fusion, point in POINTS.items():
@@ -85,7 +81,17 @@ def bucket(tmp_path: Path) -> tuple[PipelineConfig, LocalStorage, dict[str, torc
     for i in range(3):
         store.write_bytes(f"incoming/audio/clip{i}.wav", wav_bytes(i))
         store.write_bytes(f"incoming/images/clip{i}.png", png_bytes(i))
-    return cfg, store, models
+    return models
+
+
+@pytest.fixture
+def bucket(tmp_path: Path) -> tuple[PipelineConfig, LocalStorage, dict[str, torch.nn.Module]]:
+    """A local bucket `fill`ed; the config used to score has today's defaults (resize, 224 px),
+    which must not apply."""
+    root = tmp_path / "bucket"
+    cfg = PipelineConfig(storage=StorageConfig(uri=str(root)))
+    store = LocalStorage(str(root))
+    return cfg, store, fill(store)
 
 
 def expected_score(model: torch.nn.Module, audio: bytes, image: bytes, point: OperatingPoint):
@@ -100,7 +106,7 @@ def expected_score(model: torch.nn.Module, audio: bytes, image: bytes, point: Op
     return float(torch.sigmoid(logit / point.temperature)[0])
 
 
-def read_rows(store: LocalStorage, uri: str) -> list[dict[str, str]]:
+def read_rows(store, uri: str) -> list[dict[str, str]]:
     key = uri[len(store.root_uri) + 1 :]
     return list(csv.DictReader(io.StringIO(store.read_bytes(key).decode())))
 
@@ -234,3 +240,29 @@ def test_no_champion_and_unknown_run_name_the_keys(bucket, tmp_path) -> None:
         detect.detect(cfg, empty, prefix="incoming")
     with pytest.raises(ConfigError, match="--image needs --audio"):
         detect.detect(cfg, store, image="x.png")
+
+
+def test_on_s3_a_pairs_key_scores_into_the_bucket(s3_server, s3_bucket) -> None:
+    cfg = PipelineConfig(
+        storage=StorageConfig(uri=f"s3://{s3_bucket}", endpoint_url=s3_server.endpoint_url)
+    )
+    store = open_storage(cfg.storage)
+    models = fill(store)
+    store.write_bytes(
+        "incoming/pairs.csv",
+        b"audio_key,image_key\nincoming/audio/clip1.wav,incoming/images/clip2.png\n"
+        b"incoming/audio/clip9.wav,incoming/images/clip2.png\n",
+    )
+
+    ref = detect.detect(cfg, store, pairs="incoming/pairs.csv")
+
+    assert ref.scores_uri.startswith(f"s3://{s3_bucket}/outputs/detections/")
+    [row] = read_rows(store, ref.scores_uri)
+    audio, image = wav_bytes(1), png_bytes(2)
+    for fusion, point in POINTS.items():
+        want = expected_score(models[fusion], audio, image, point)
+        assert float(row[f"score_{fusion}"]) == pytest.approx(want, abs=1e-6)
+    skipped_key = ref.skipped_uri[len(f"s3://{s3_bucket}/") :]
+    listed = json.loads(store.read_bytes(skipped_key))
+    assert [s["key"] for s in listed["skipped"]] == ["incoming/audio/clip9.wav"]
+    assert f"s3://{s3_bucket}/incoming/audio/clip9.wav" in listed["skipped"][0]["reason"]
