@@ -1,17 +1,30 @@
 """The least-privilege IAM policy of the worker's instance role, generated from a config file, so
-it names exactly the configured bucket and prefixes:
+it names exactly the configured bucket and prefixes and allows exactly what a run does with those
+settings:
 
     python -m deployments.iam_policy --config config/config.yaml > deployments/iam-policy.json
 
-It allows, on `storage.uri`'s bucket only (keys under its prefix, if any):
-  - s3:ListBucket on the bucket: the manifest lists dataset/, the cache and evaluation list
-    outputs/; HeadBucket (the start-up check) needs it too;
-  - s3:GetObject on dataset/*: the raw audio and images are read, never written;
-  - s3:GetObject and s3:PutObject on outputs/*: models, checkpoints, logs, plots, reports
-    (multipart uploads are covered by s3:PutObject);
-  - s3:DeleteObject on outputs/models/*/checkpoints/* only when training.keep_checkpoints is set
-    (the trainer then deletes older checkpoints); nothing is deleted otherwise.
-Nothing else: no other bucket, no bucket settings, no deletes of data or results.
+On `storage.uri`'s bucket only (keys under its prefix, if any), one statement per need:
+  - ListTheBucket: s3:ListBucket on the bucket. The manifest lists dataset/, the cache, resume and
+    evaluation list outputs/; the start-up check is a HeadBucket, which AWS authorises with
+    s3:ListBucket (there is no s3:HeadBucket permission in AWS);
+  - ReadTheDataset: s3:GetObject on dataset/* (the raw audio, images and pairs.csv);
+  - ReadAndWriteOutputs: s3:GetObject and s3:PutObject on outputs/*: models, checkpoints, logs,
+    plots, reports, records (multipart uploads are covered by s3:PutObject);
+  - ForgetTheFinishedRun: s3:DeleteObject on outputs/runs/in-progress.json only: finish-run
+    deletes the record of the run in progress, or the next night would adopt a finished run;
+  - DeleteOldCheckpoints: s3:DeleteObject on outputs/models/*/checkpoints/*, only when
+    training.keep_checkpoints is set (the trainer then deletes older checkpoints);
+  - WriteTheDemoDataset: s3:PutObject on dataset/*, only when generator.fill_empty_dataset is on
+    (the synthetic benchmark is then written into an empty dataset/);
+  - ReadPretrainedImageWeights: s3:GetObject on the one key model.pretrained_image_weights names,
+    when it is a bucket key outside dataset/ and outputs/ (not "imagenet", not an absolute or ~
+    path; a relative value may be a local file on the worker, so it is granted to be safe: one
+    read of one object).
+Nothing else: no other bucket, no bucket settings, no deletes of data or results. A failed
+multipart upload cannot be aborted without s3:AbortMultipartUpload; boto3 then leaves the parts
+(the failure itself is still reported), so a bucket lifecycle rule "abort incomplete multipart
+uploads after 1 day" cleans them instead of a wider role (deployments/README.md).
 """
 
 from __future__ import annotations
@@ -19,12 +32,15 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import PurePosixPath
 from typing import Any
 
 from config.load import load_config
 from config.schema import PipelineConfig
 from flows.common import base_parser
 from tasks.errors import ConfigError
+from tasks.io.layout import Layout
+from tasks.train.checkpoint import IMAGENET
 
 
 def bucket_and_prefix(uri: str) -> tuple[str, str]:
@@ -36,24 +52,50 @@ def bucket_and_prefix(uri: str) -> tuple[str, str]:
     return bucket, f"{prefix}/" if prefix else ""
 
 
+def weights_key(cfg: PipelineConfig) -> str | None:
+    """The bucket key (relative to the storage root) model.pretrained_image_weights may read, or
+    None when it names no bucket object or one the dataset/outputs statements already cover."""
+    source = cfg.model.pretrained_image_weights
+    if source is None or source == IMAGENET or source.startswith(("/", "~")):
+        return None
+    if ".." in PurePosixPath(source).parts:
+        raise ConfigError(
+            f"model.pretrained_image_weights: {source!r} escapes the bucket root; "
+            "give a key inside it or an absolute local path"
+        )
+    prefixes = (cfg.storage.dataset_prefix, cfg.storage.outputs_prefix)
+    return None if source.startswith(prefixes) else source
+
+
 def bucket_policy(cfg: PipelineConfig, partition: str = "aws") -> dict[str, Any]:
     """The IAM policy document (a dict, ready for `json.dumps`) for `cfg.storage`'s bucket."""
     bucket, root = bucket_and_prefix(cfg.storage.uri)
+    layout = Layout.from_config(cfg.storage)
     arn = f"arn:{partition}:s3:::{bucket}"
-    dataset = f"{arn}/{root}{cfg.storage.dataset_prefix}*"
-    outputs = f"{arn}/{root}{cfg.storage.outputs_prefix}*"
-    statements: list[dict[str, Any]] = [
-        {"Sid": "ListTheBucket", "Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": arn},
-        {"Sid": "ReadTheDataset", "Effect": "Allow", "Action": ["s3:GetObject"],
-         "Resource": dataset},
-        {"Sid": "ReadAndWriteOutputs", "Effect": "Allow",
-         "Action": ["s3:GetObject", "s3:PutObject"], "Resource": outputs},
+
+    def objects(key_pattern: str) -> str:
+        return f"{arn}/{root}{key_pattern}"
+
+    def allow(sid: str, actions: list[str], resource: str) -> dict[str, Any]:
+        return {"Sid": sid, "Effect": "Allow", "Action": actions, "Resource": resource}
+
+    statements = [
+        allow("ListTheBucket", ["s3:ListBucket"], arn),
+        allow("ReadTheDataset", ["s3:GetObject"], objects(f"{layout.dataset}*")),
+        allow("ReadAndWriteOutputs", ["s3:GetObject", "s3:PutObject"],
+              objects(f"{layout.outputs}*")),
+        allow("ForgetTheFinishedRun", ["s3:DeleteObject"], objects(layout.in_progress())),
     ]  # fmt: skip
     if cfg.training.keep_checkpoints is not None:
-        statements.append({
-            "Sid": "DeleteOldCheckpoints", "Effect": "Allow", "Action": ["s3:DeleteObject"],
-            "Resource": f"{arn}/{root}{cfg.storage.outputs_prefix}models/*/checkpoints/*",
-        })  # fmt: skip
+        statements.append(allow("DeleteOldCheckpoints", ["s3:DeleteObject"],
+                                objects(f"{layout.models_root()}*/checkpoints/*")))  # fmt: skip
+    if cfg.generator.fill_empty_dataset:
+        statements.append(
+            allow("WriteTheDemoDataset", ["s3:PutObject"], objects(f"{layout.dataset}*"))
+        )
+    key = weights_key(cfg)
+    if key is not None:
+        statements.append(allow("ReadPretrainedImageWeights", ["s3:GetObject"], objects(key)))
     return {"Version": "2012-10-17", "Statement": statements}
 
 

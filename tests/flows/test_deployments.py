@@ -176,7 +176,7 @@ def test_committed_policy_is_generated_from_config_yaml(capsys):
     )
 
 
-def test_policy_grants_exactly_list_get_and_put_on_the_bucket():
+def test_policy_grants_exactly_list_get_put_and_the_one_delete_on_the_bucket():
     policy = json.loads((DEPLOY / "iam-policy.json").read_text())
     bucket = load_config(ROOT / "config/config.yaml").storage.uri.removeprefix("s3://")
     grants = {(a, s["Resource"]) for s in policy["Statement"] for a in s["Action"]}
@@ -186,25 +186,48 @@ def test_policy_grants_exactly_list_get_and_put_on_the_bucket():
         ("s3:GetObject", f"arn:aws:s3:::{bucket}/dataset/*"),
         ("s3:GetObject", f"arn:aws:s3:::{bucket}/outputs/*"),
         ("s3:PutObject", f"arn:aws:s3:::{bucket}/outputs/*"),
+        # finish-run forgets the run in progress: that one object, nothing else is deleted
+        ("s3:DeleteObject", f"arn:aws:s3:::{bucket}/outputs/runs/in-progress.json"),
     }
     assert all(re.fullmatch(rf"arn:aws:s3:::{bucket}(/.*)?", r) for r in resources(policy))
     assert "*" not in json.dumps(policy).replace("/dataset/*", "").replace("/outputs/*", "")
 
 
-def test_policy_follows_prefixes_and_checkpoint_pruning():
+def test_policy_follows_prefixes_and_every_setting_that_widens_it():
     cfg = validate_config({
         "storage": {"uri": "s3://team-bkt/deepfake", "outputs_prefix": "results/"},
         "training": {"keep_checkpoints": 2},
+        "generator": {"fill_empty_dataset": True},
+        "model": {"pretrained_image_weights": "weights/resnet18.pt"},
     })  # fmt: skip
     policy = bucket_policy(cfg)
-    assert set(resources(policy)) == {
-        "arn:aws:s3:::team-bkt",
-        "arn:aws:s3:::team-bkt/deepfake/dataset/*",
-        "arn:aws:s3:::team-bkt/deepfake/results/*",
-        "arn:aws:s3:::team-bkt/deepfake/results/models/*/checkpoints/*",
+    grants = {(s["Sid"], a, s["Resource"]) for s in policy["Statement"] for a in s["Action"]}
+    root = "arn:aws:s3:::team-bkt/deepfake"
+    assert grants == {
+        ("ListTheBucket", "s3:ListBucket", "arn:aws:s3:::team-bkt"),
+        ("ReadTheDataset", "s3:GetObject", f"{root}/dataset/*"),
+        ("ReadAndWriteOutputs", "s3:GetObject", f"{root}/results/*"),
+        ("ReadAndWriteOutputs", "s3:PutObject", f"{root}/results/*"),
+        ("ForgetTheFinishedRun", "s3:DeleteObject", f"{root}/results/runs/in-progress.json"),
+        ("DeleteOldCheckpoints", "s3:DeleteObject", f"{root}/results/models/*/checkpoints/*"),
+        ("WriteTheDemoDataset", "s3:PutObject", f"{root}/dataset/*"),
+        ("ReadPretrainedImageWeights", "s3:GetObject", f"{root}/weights/resnet18.pt"),
     }
-    [delete] = [s for s in policy["Statement"] if "s3:DeleteObject" in s["Action"]]
-    assert delete["Action"] == ["s3:DeleteObject"]
+
+
+@pytest.mark.parametrize(
+    "weights", [None, "imagenet", "/opt/weights/resnet18.pt", "~/resnet18.pt", "outputs/w.pt"]
+)
+def test_weights_read_from_elsewhere_or_already_covered_add_nothing(weights):
+    cfg = validate_config({"model": {"pretrained_image_weights": weights}})
+    sids = [s["Sid"] for s in bucket_policy(cfg)["Statement"]]
+    assert "ReadPretrainedImageWeights" not in sids
+
+
+def test_weights_key_that_escapes_the_bucket_root_is_refused():
+    cfg = validate_config({"model": {"pretrained_image_weights": "../other/w.pt"}})
+    with pytest.raises(ConfigError, match="model.pretrained_image_weights: '../other/w.pt' esc"):
+        bucket_policy(cfg)
 
 
 def test_policy_needs_an_s3_bucket(capsys):
