@@ -121,7 +121,8 @@ def _refuse_if_held(
         raise RunInProgress(
             f"{where}: run {record.get('run')} is held by flow run {other}, which is {state}; "
             "not adopting it or starting another run beside it (one night at a time: let it "
-            "finish, or cancel it, then run again)"
+            "finish, or cancel it, then run again; if its worker died, Prefect's zombie "
+            "detection marks it Crashed, or mark it so by hand)"
         )
 
 
