@@ -185,25 +185,46 @@ def pairs_under_prefix(
     store: Storage, cfg: PipelineConfig, prefix: str
 ) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
     """The pairs under `prefix`, paired as training pairs dataset/: its pairs.csv, or
-    audio/{real,fake}/ with images/{real,fake}/ at random within a label (run.seed). Without
-    labelled folders, audio/ and images/ files are paired by name (same stem). Returns the
-    pairs and the files left out."""
+    audio/{real,fake}/ with images/{real,fake}/ at random within a label and split (run.seed).
+    New media, unlabelled: a pairs.csv without a label column (keys relative to the prefix or
+    the root), else audio/<name>.* with images/<name>.* (same stem). Returns the pairs and the
+    files left out."""
     prefix = prefix.strip("/") + "/"
     layout = Layout(dataset=prefix, outputs=cfg.storage.outputs_prefix)
     listing = manifests.list_dataset(store, layout)
+    rows: list[manifests.PairRow] = []
     if listing.pairs_csv is not None:
+        where = store.uri(listing.pairs_csv.key)
+        try:
+            text = store.read_bytes(listing.pairs_csv.key).decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{where}: not UTF-8 text ({exc})") from exc
+        if "label" not in next(csv.reader(io.StringIO(text)), []):  # new media: no labels
+            pairs = [(_under(a, prefix), _under(i, prefix)) for a, i in read_pairs_csv(text, where)]
+            return pairs, []
         rows, skipped = manifests.pairs_from_csv(
-            store.read_bytes(listing.pairs_csv.key).decode("utf-8-sig"), listing, layout,
-            cfg.data.val_fraction, cfg.data.test_fraction, store.uri(listing.pairs_csv.key),
-        )  # fmt: skip
-        return [(r.audio_key, r.image_key) for r in rows], listing.skipped + skipped
-    if listing.audio or listing.images:
+            text, listing, layout, cfg.data.val_fraction, cfg.data.test_fraction, where
+        )
+    elif listing.audio or listing.images:
         rows, skipped = manifests.pairs_at_random(
             listing, cfg.run.seed, cfg.data.val_fraction, cfg.data.test_fraction
         )
         rows.sort(key=lambda r: (manifests.SPLITS.index(r.split), r.pair_id))
-        return [(r.audio_key, r.image_key) for r in rows], listing.skipped + skipped
-    return _pairs_by_name(store, prefix)
+    else:
+        return _pairs_by_name(store, prefix)
+    if not rows:
+        raise DataError(
+            f"{store.uri(prefix)}: no pairs under this prefix ({len(listing.audio)} audio and "
+            f"{len(listing.images)} image files, {len(listing.skipped + skipped)} left out: "
+            f"{'; '.join(s['key'] + ': ' + s['reason'] for s in (listing.skipped + skipped)[:3])})"
+        )
+    return [(r.audio_key, r.image_key) for r in rows], listing.skipped + skipped
+
+
+def _under(key: str, prefix: str) -> str:
+    """A key of a pairs.csv under `prefix`: relative to it, or to the storage root."""
+    key = key.lstrip("/")
+    return key if key.startswith(prefix) else prefix + key
 
 
 def _pairs_by_name(

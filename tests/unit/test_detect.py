@@ -266,3 +266,25 @@ def test_on_s3_a_pairs_key_scores_into_the_bucket(s3_server, s3_bucket) -> None:
     listed = json.loads(store.read_bytes(skipped_key))
     assert [s["key"] for s in listed["skipped"]] == ["incoming/audio/clip9.wav"]
     assert f"s3://{s3_bucket}/incoming/audio/clip9.wav" in listed["skipped"][0]["reason"]
+
+
+def test_prefix_with_an_unlabelled_pairs_csv_takes_its_rows(bucket) -> None:
+    cfg, store, _ = bucket
+    store.write_bytes(
+        "incoming/pairs.csv",
+        b"audio_key,image_key\naudio/clip2.wav,images/clip0.png\n"
+        b"incoming/audio/clip0.wav,incoming/images/clip1.png\n",
+    )
+    ref = detect.detect(cfg, store, prefix="incoming/")
+    keys = [(r["audio_key"], r["image_key"]) for r in read_rows(store, ref.scores_uri)]
+    assert keys == [
+        ("incoming/audio/clip2.wav", "incoming/images/clip0.png"),
+        ("incoming/audio/clip0.wav", "incoming/images/clip1.png"),
+    ]
+
+
+def test_labelled_prefix_without_pairs_names_the_prefix(bucket) -> None:
+    cfg, store, _ = bucket
+    store.write_bytes("lonely/audio/real/a.wav", wav_bytes(1))
+    with pytest.raises(DataError, match=r"lonely/: no pairs under this prefix \(1 audio and 0"):
+        detect.detect(cfg, store, prefix="lonely")
