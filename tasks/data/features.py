@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import ExitStack, closing
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,8 +135,13 @@ def _fetch(store: Storage, key: str, audio: DataConfig | None = None) -> Fetched
     `audio`, only the first bytes its first clip_seconds need (a long file is never read whole)."""
     try:
         if audio is not None:
-            with closing(store.stream(key)) as chunks:
+            chunks = store.stream(key)
+            try:
                 return read_audio_prefix(chunks, audio)
+            finally:  # stop the transfer: the rest of the object is never fetched
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()
         return store.read_bytes(key)
     except ObjectNotFound as exc:
         return problem(key, store.uri(key), exc)
