@@ -72,7 +72,20 @@ def publish_detections(ref: detection.DetectionRef) -> None:
     create_markdown_artifact(key=SKIPPED_KEY, markdown="\n".join(lines))
 
 
-@flow(name="detect", log_prints=False)
+def run_name() -> str:
+    """The flow run's name in the UI: when, and what it scores with what, e.g.
+    "detect 2026-12-01 14:05 prefix incoming/ (champions)"."""
+    from datetime import UTC, datetime
+
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    what = next((f"{k} {p[k]}" for k in ("pairs", "prefix", "audio") if p.get(k)), "nothing given")
+    models = f"run {p['run']}" if p.get("run") else "champions"
+    return f"detect {datetime.now(UTC):%Y-%m-%d %H:%M} {what} ({models})"
+
+
+@flow(name="detect", flow_run_name=run_name, log_prints=False)
 def detect(
     config_path: str = "config/config.yaml",
     overrides: list[str] | None = None,

@@ -192,6 +192,15 @@ def test_bad_file_is_skipped_and_listed_never_fatal(trained, tmp_path: Path) -> 
     notes = asyncio.run(artifacts(SKIPPED_KEY))
     assert any(str(bad_audio) in a.data and "no-such.wav" in a.data for a in notes)
 
+    async def run_names() -> list[str]:
+        async with get_client() as client:
+            return [r.name for r in await client.read_flow_runs(limit=200)]
+
+    assert any(
+        n.startswith("detect 20") and f"pairs {pairs} (champions)" in n
+        for n in asyncio.run(run_names())
+    )
+
 
 def test_missing_run_fails_naming_the_keys(trained, capsys) -> None:
     code = detect_cli(trained, "--prefix", "dataset/", "--run", "20000101T000000Z")
