@@ -7,7 +7,8 @@
     pairs_under_prefix(store, cfg, prefix)    the pairs under a bucket prefix, paired as training
                                               pairs dataset/ (pairs.csv, or audio/{real,fake}/ with
                                               images/{real,fake}/ at random within a label, seeded);
-                                              unlabelled audio/ and images/ files by name
+                                              new media: a pairs.csv without labels, or audio/ and
+                                              images/ files by name
     score_pairs(store, detectors, pairs, ...) -> Detection   scores, decisions and skipped files
     write_detection(store, key, detection)    the CSV: audio_key, image_key, then per fusion
                                               score_<fusion>, decision_<fusion>; skipped.json
