@@ -37,25 +37,20 @@ import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from config.schema import DataConfig
-from tasks.data.decode import read_audio_prefix
 from tasks.data.manifest import PairRow, check_splits, count_labels, read_manifest
 from tasks.data.shards import write_shard
 from tasks.data.skipped import write_skipped
 from tasks.data.workers import (
-    DecodeResult,
-    Fetched,
-    decode_in_worker,
     decode_pair,
-    decode_pool,
-    problem,
+    decode_processes,
+    fetch,
+    one_blas_thread,
 )
 from tasks.errors import DataError, ObjectNotFound
 from tasks.io.layout import SPLITS, Layout
@@ -130,23 +125,6 @@ def decode_workers(cfg: DataConfig, n_pairs: int) -> int:
     return max(1, min(cores, n_pairs // AUTO_PAIRS_PER_WORKER))
 
 
-def _fetch(store: Storage, key: str, audio: DataConfig | None = None) -> Fetched:
-    """One object's bytes, or its skipped-file entry when it vanished since the manifest. With
-    `audio`, only the first bytes its first clip_seconds need (a long file is never read whole)."""
-    try:
-        if audio is not None:
-            chunks = store.stream(key)
-            try:
-                return read_audio_prefix(chunks, audio)
-            finally:  # stop the transfer: the rest of the object is never fetched
-                close = getattr(chunks, "close", None)
-                if close is not None:
-                    close()
-        return store.read_bytes(key)
-    except ObjectNotFound as exc:
-        return problem(key, store.uri(key), exc)
-
-
 def iter_decoded(
     store: Storage,
     rows: Sequence[PairRow],
@@ -154,85 +132,59 @@ def iter_decoded(
     concurrency: int,
     workers: int = 1,
 ) -> Iterator[_Decoded]:
-    """Decode pairs, yielded in manifest order.
+    """Fetch and decode pairs, yielded in manifest order, memory bounded by a window of pairs.
 
-    Both objects of a pair are fetched at once, by a pool of `concurrency` threads (so at most
-    that many GETs are in flight: the round trip is covered when it is at least the rate times
-    the latency). As soon as a pair's two objects are in, it is decoded: in one of `workers`
-    processes (each decodes on its own core, outside this process's GIL), or with `workers` = 1
-    in the fetching thread. At most `concurrency + 2 * workers` pairs are between fetch and
-    yield, so memory is bounded by that window, whatever the number of pairs.
+    `workers` > 1: `workers` spawned processes each fetch (their share of `concurrency` GETs in
+    flight, both files of a pair at once) and decode their pairs (`workers.decode_processes`).
+    `workers` = 1: a pool of `concurrency` threads here fetches and decodes; at most
+    `concurrency + 2` pairs are between fetch and yield.
     """
-    window = concurrency + 2 * workers
-    with ExitStack() as stack:
-        fetchers = stack.enter_context(
-            ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="fetch")
-        )
-        decoders = None
-        if workers > 1:
-            decoders = decode_pool(cfg, workers)
-            # On an error below: drop the queued decodes instead of finishing them.
-            stack.callback(decoders.shutdown, wait=True, cancel_futures=True)
+    if workers > 1:
+        jobs = [
+            (i, (r.audio_key, r.image_key), (store.uri(r.audio_key), store.uri(r.image_key)))
+            for i, r in enumerate(rows)
+        ]
+        results = decode_processes(store, jobs, cfg, concurrency, workers)
+        for row, (audio, image, problems) in zip(rows, results, strict=True):
+            yield _Decoded(row=row, audio=audio, image=image, problems=problems)
+        return
 
-        def start(row: PairRow) -> Future[DecodeResult]:
-            done: Future[DecodeResult] = Future()
-            keys = (row.audio_key, row.image_key)
-            wheres = (store.uri(keys[0]), store.uri(keys[1]))
-            fetches = [
-                fetchers.submit(_fetch, store, keys[0], cfg),
-                fetchers.submit(_fetch, store, keys[1]),
-            ]
-            left = [2]
-            lock = threading.Lock()
+    def load(row: PairRow) -> _Decoded:
+        keys = (row.audio_key, row.image_key)
+        if concurrency > 1:  # both files at once
+            audio_f = fetchers.submit(fetch, store, keys[0], cfg)
+            image = fetch(store, keys[1])
+            audio = audio_f.result()
+        else:
+            audio, image = fetch(store, keys[0], cfg), fetch(store, keys[1])
+        wheres = (store.uri(keys[0]), store.uri(keys[1]))
+        mel, picture, problems = decode_pair(audio, image, keys, wheres, cfg)
+        return _Decoded(row=row, audio=mel, image=picture, problems=problems)
 
-            def fetched(_: Future[Fetched]) -> None:
-                with lock:
-                    left[0] -= 1
-                    if left[0]:
-                        return
-                try:
-                    audio, image = fetches[0].result(), fetches[1].result()
-                    if decoders is None:
-                        done.set_result(decode_pair(audio, image, keys, wheres, cfg))
-                        return
-                    decoded = decoders.submit(decode_in_worker, audio, image, keys, wheres)
-                except BaseException as exc:  # noqa: BLE001 - handed to the consumer, re-raised
-                    done.set_exception(exc)
-                    return
-                decoded.add_done_callback(lambda f: _chain(f, done))
-
-            for f in fetches:
-                f.add_done_callback(fetched)
-            return done
-
-        pending: deque[tuple[PairRow, Future[DecodeResult]]] = deque()
+    window = concurrency + 2
+    # One BLAS thread for the build (see one_blas_thread). The pair loaders take half the
+    # threads and fetch the audio on the other half, so at most `concurrency` GETs are in flight.
+    with (
+        one_blas_thread(),
+        ThreadPoolExecutor(
+            max_workers=max(1, concurrency // 2), thread_name_prefix="fetch-audio"
+        ) as fetchers,
+        ThreadPoolExecutor(
+            max_workers=max(1, concurrency - concurrency // 2), thread_name_prefix="fetch"
+        ) as loaders,
+    ):
+        pending: deque[Future[_Decoded]] = deque()
         todo = iter(rows)
         for row in todo:
-            pending.append((row, start(row)))
+            pending.append(loaders.submit(load, row))
             if len(pending) >= window:
                 break
         while pending:
-            row, fut = pending.popleft()
-            try:
-                audio, image, problems = fut.result()
-            except BrokenProcessPool as exc:
-                raise DataError(
-                    f"a decode worker process died ({exc}); out of memory? Lower "
-                    f"data.decode_workers (now {cfg.decode_workers}, {workers} processes)"
-                ) from exc
+            done = pending.popleft().result()
             nxt = next(todo, None)
             if nxt is not None:
-                pending.append((nxt, start(nxt)))
-            yield _Decoded(row=row, audio=audio, image=image, problems=problems)
-
-
-def _chain(src: Future[Any], dst: Future[Any]) -> None:
-    if src.cancelled():
-        dst.cancel()
-    elif (exc := src.exception()) is not None:
-        dst.set_exception(exc)
-    else:
-        dst.set_result(src.result())
+                pending.append(loaders.submit(load, nxt))
+            yield done
 
 
 class _Uploader:

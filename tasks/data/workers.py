@@ -1,27 +1,40 @@
-"""The decode processes of the feature build: one pair's bytes in, its arrays (or why not) out.
+"""The decode processes of the feature build: pairs' keys in, their arrays (or why not) out.
 
-    decode_pair    both files of a pair -> (log-mel | None, image | None, skipped-file entries);
-                   the one place `CorruptSample` is caught, in whichever process decodes
-    decode_pool    `n` processes that run `decode_pair`, each on its own core
+    fetch             one object's bytes (an audio file's first bytes only), or its skipped entry
+    decode_pair       both files of a pair -> (log-mel | None, image | None, skipped entries);
+                      the one place `CorruptSample` is caught, in whichever process decodes
+    decode_processes  pairs fetched and decoded by `n` processes, each on its own core, each
+                      with its own storage client and fetch threads; results in input order
+    decode_pool       `n` processes that run `decode_pair` on bytes given to them (the benchmark's
+                      decode bound)
 
-Kept apart from `features.py` on purpose: a decode process imports only this module, the
-decoders and the config schema (no torch, no pandas, no boto3), so it starts in a fraction of a
-second and never holds a storage client. The processes are spawned, never forked: the feature
-build runs inside a Prefect flow, whose threads make a plain fork unsafe.
+Each process fetches its own pairs, so the HTTP work (botocore is Python: signing, parsing) is
+spread over every core like the decoding, and no raw bytes cross a process boundary. Kept apart
+from `features.py` on purpose: a decode process imports only this module, the decoders, the
+storage module and the config schema (no torch, no pandas). The processes are spawned, never
+forked: the feature build runs inside a Prefect flow, whose threads make a fork unsafe; the
+storage client is created in the process on first use (it is never pickled).
 """
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
+import queue
 import struct
-from concurrent.futures import ProcessPoolExecutor
+import traceback
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from config.schema import DataConfig
-from tasks.data.decode import preprocess_audio, preprocess_image
-from tasks.errors import CorruptSample, ObjectNotFound
+from tasks.data.decode import preprocess_audio, preprocess_image, read_audio_prefix
+from tasks.errors import CorruptSample, DataError, ObjectNotFound
+from tasks.io.storage import Storage
 
 Fetched = bytes | dict[str, str]  # an object's bytes, or its skipped-file entry (it vanished)
 # What decoding a pair gives: (log-mel or None, image or None, skipped-file entries).
@@ -36,6 +49,21 @@ def problem(key: str, where: str, exc: CorruptSample | ObjectNotFound) -> dict[s
     if isinstance(exc, ObjectNotFound):
         reason = "vanished after the manifest was built (" + reason + ")"
     return {"key": key, "reason": reason, "stage": "decode"}
+
+
+def fetch(store: Storage, key: str, audio: DataConfig | None = None) -> Fetched:
+    """One object's bytes, or its skipped-file entry when it vanished since the manifest. With
+    `audio`, only the first bytes its first clip_seconds need (a long file is never read whole)."""
+    try:
+        if audio is not None:
+            chunks = store.stream(key)
+            try:
+                return read_audio_prefix(chunks, audio)
+            finally:  # a generator: closing it ends the GET where the prefix ends
+                getattr(chunks, "close", lambda: None)()
+        return store.read_bytes(key)
+    except ObjectNotFound as exc:
+        return problem(key, store.uri(key), exc)
 
 
 def decode_pair(
@@ -74,12 +102,14 @@ def _init_worker(cfg: DataConfig) -> None:
     """Runs once in each decode process: one BLAS thread, the settings, and one throwaway
     decode, so the first real pair is not the one that pays for librosa's lazy imports."""
     global _WORKER_CFG, _LIMITS
-    _LIMITS = one_blas_thread()
     _WORKER_CFG = cfg
     try:
         preprocess_audio(_WARM_WAV, cfg, "<warm-up>")
-    except CorruptSample:  # settings that refuse even this (a tiny max_audio_seconds): no matter
+    except CorruptSample:  # settings that refuse even this: no matter
         pass
+    # After the warm-up: threadpoolctl limits the libraries loaded so far, and the decoders'
+    # lazy imports (scipy and its own OpenBLAS) have happened by now.
+    _LIMITS = one_blas_thread()
 
 
 def decode_in_worker(
@@ -112,3 +142,127 @@ def decode_pool(cfg: DataConfig, n: int) -> ProcessPoolExecutor:
         initializer=_init_worker,
         initargs=(cfg,),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Fetch + decode in processes
+
+Job = tuple[int, tuple[str, str], tuple[str, str]]  # (index, (audio, image) keys, their URIs)
+
+
+def process_threads(concurrency: int, workers: int) -> int:
+    """Fetch threads in each of `workers` processes: data.fetch_concurrency shared out, and at
+    least two (both files of a pair at once)."""
+    return max(2, math.ceil(concurrency / workers))
+
+
+def process_window(concurrency: int, workers: int) -> int:
+    """Pairs between being handed to the processes and being yielded: each process fetches
+    threads/2 pairs while it decodes one, and as many again wait their turn, so no process
+    starves while the slowest pair holds the order back. Memory is bounded by this."""
+    return 2 * workers * (process_threads(concurrency, workers) // 2 + 1)
+
+
+def _process_main(
+    cfg: DataConfig, store: Storage, jobs: Any, results: Any, threads: int
+) -> None:  # pragma: no cover - runs in the spawned process (the tests see its results)
+    """One decode process: take jobs from the shared queue as long as fewer than threads/2 pairs
+    are being fetched here (so a faster process takes more), decode them in the order taken,
+    put (index, result) on `results`; (-1, traceback) on an unexpected error."""
+    results.cancel_join_thread()  # on an abort nobody reads the rest: exit without flushing it
+    _init_worker(cfg)
+    depth = max(1, threads // 2)
+    parent = mp.parent_process()
+    pending: deque[tuple[int, tuple[str, str], tuple[str, str], list[Future[Fetched]]]] = deque()
+    ended = False
+    try:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch") as pool:
+            while True:
+                while not ended and len(pending) <= depth:
+                    try:
+                        job = jobs.get(timeout=1.0) if not pending else jobs.get_nowait()
+                    except queue.Empty:
+                        if not pending and parent is not None and not parent.is_alive():
+                            return  # the build's process is gone (killed): so is the work
+                        break
+                    if job is None:
+                        ended = True
+                        break
+                    index, keys, wheres = job
+                    fetches = [
+                        pool.submit(fetch, store, keys[0], cfg),
+                        pool.submit(fetch, store, keys[1]),
+                    ]
+                    pending.append((index, keys, wheres, fetches))
+                if not pending:
+                    if ended:
+                        return
+                    continue
+                index, keys, wheres, (audio, image) = pending.popleft()
+                results.put((index, decode_pair(audio.result(), image.result(), keys, wheres, cfg)))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
+        results.put((-1, traceback.format_exc()))
+
+
+def decode_processes(
+    store: Storage, jobs: Sequence[Job], cfg: DataConfig, concurrency: int, workers: int
+) -> Iterator[DecodeResult]:
+    """Fetch and decode every job in `workers` spawned processes; results in the jobs' order.
+
+    At most `process_window` jobs are out at once. A process that dies (killed for memory) or
+    fails is a `DataError` naming data.decode_workers; the others are stopped either way.
+    """
+    ctx: Any = mp.get_context(START_METHOD)
+    job_q, result_q = ctx.Queue(), ctx.Queue()
+    threads = process_threads(concurrency, workers)
+    procs = [
+        ctx.Process(
+            target=_process_main,
+            args=(cfg, store, job_q, result_q, threads),
+            name=f"decode-{i}",
+            daemon=True,
+        )
+        for i in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    window = process_window(concurrency, workers)
+    sent, done = 0, 0
+    ready: dict[int, DecodeResult] = {}
+    try:
+        while sent < min(window, len(jobs)):
+            job_q.put(jobs[sent])
+            sent += 1
+        while done < len(jobs):
+            while done not in ready:
+                try:
+                    index, result = result_q.get(timeout=1.0)
+                except queue.Empty:
+                    dead = [p for p in procs if not p.is_alive()]
+                    if dead:
+                        raise DataError(
+                            f"decode process {dead[0].name} died (exit code {dead[0].exitcode}; "
+                            f"killed for memory?): lower data.decode_workers (now "
+                            f"{cfg.decode_workers}, {workers} processes)"
+                        ) from None
+                    continue
+                if index < 0:
+                    raise DataError(f"a decode process failed (data.decode_workers):\n{result}")
+                ready[index] = result
+            yield ready.pop(done)
+            done += 1
+            if sent < len(jobs):
+                job_q.put(jobs[sent])
+                sent += 1
+    finally:
+        for _ in procs:
+            job_q.put(None)
+        for p in procs:
+            p.join(timeout=10)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join()
+        job_q.cancel_join_thread()
+        job_q.close()
+        result_q.close()

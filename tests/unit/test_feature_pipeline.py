@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import pytest
 from tasks.data.features import AUTO_PAIRS_PER_WORKER, decode_workers, iter_decoded
 from tasks.data.manifest import read_manifest
 from tasks.data.shards import read_shard
+from tasks.data.workers import process_window
 from tasks.errors import StorageError
 from tasks.io.layout import SPLITS
 from tasks.io.storage import Storage, open_storage
@@ -110,32 +111,49 @@ def test_auto_decodes_in_process_for_small_builds_and_on_every_core_for_large() 
     assert big == len(os.sched_getaffinity(0))
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_fetching_runs_at_most_a_window_ahead_of_the_consumer(
-    workers: int, tmp_path: Path, bench: dict[str, bytes]
+def test_fetching_in_process_runs_at_most_a_window_ahead(
+    tmp_path: Path, bench: dict[str, bytes]
 ) -> None:
     concurrency = 4
-    cfg = tiny_config("local", tmp_path, fetch_concurrency=concurrency, decode_workers=workers)
+    cfg = tiny_config("local", tmp_path, fetch_concurrency=concurrency, decode_workers=1)
     store = open_storage(cfg.storage)
     load_into(store, bench)
-    manifest = manifest_of(store, cfg, "r")
-    rows = read_manifest(store, manifest.key)
+    rows = read_manifest(store, manifest_of(store, cfg, "r").key)
     counting = CountingStore(store, latency=0.005)
-    window = concurrency + 2 * workers
+    window = concurrency + 2
     seen = []
-    it = iter_decoded(counting, rows, cfg.data, concurrency, workers)  # type: ignore[arg-type]
-    for n, item in enumerate(it, start=1):
+    for n, item in enumerate(iter_decoded(counting, rows, cfg.data, concurrency, 1), start=1):  # type: ignore[arg-type]
         seen.append(item.row.pair_id)
         # Everything fetched so far belongs to a yielded pair or to the window after it.
         assert counting.count("dataset/") <= 2 * (n + window)
         if n == 3:  # a slow consumer: fetching must stop at the window, not run to the end
-            import time
-
             time.sleep(0.3)
             assert counting.count("dataset/") <= 2 * (n + window)
     assert seen == [r.pair_id for r in rows]  # manifest order
     assert counting.count("dataset/") == 2 * len(rows)
     assert 1 < counting.max_active <= concurrency
+
+
+def test_decode_processes_fetch_at_most_a_window_ahead(
+    tmp_path: Path, s3_server: Any, bench: dict[str, bytes]
+) -> None:
+    concurrency, workers = 4, 2
+    cfg = tiny_config("s3", tmp_path, s3_server, fetch_concurrency=concurrency)
+    store = open_storage(cfg.storage)
+    load_into(store, bench)
+    rows = read_manifest(store, manifest_of(store, cfg, "r").key)
+    window = process_window(concurrency, workers)
+    assert window < len(rows)  # or the bound below proves nothing
+    s3_server.requests.clear()
+    seen = []
+    for n, item in enumerate(iter_decoded(store, rows, cfg.data, concurrency, workers), start=1):
+        seen.append(item.row.pair_id)
+        assert s3_server.requests.count("GET", "/dataset/") <= 2 * (n + window)
+        if n == 3:  # the processes stop at the window while the consumer is slow
+            time.sleep(1.0)
+            assert s3_server.requests.count("GET", "/dataset/") <= 2 * (n + window)
+    assert seen == [r.pair_id for r in rows]
+    assert s3_server.requests.count("GET", "/dataset/") == 2 * len(rows)
 
 
 class FailingWrites:
@@ -144,7 +162,12 @@ class FailingWrites:
     def __init__(self, inner: Storage) -> None:
         self.inner = inner
         self.root_uri = inner.root_uri
-        self.lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # decode processes get a copy (reads only)
+        return self.__dict__
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def write_bytes(self, key: str, data: bytes, content_type: str | None = None) -> str:
         if key.endswith(".npz"):
@@ -155,10 +178,11 @@ class FailingWrites:
         return getattr(self.inner, name)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_a_failed_shard_write_fails_the_build_and_leaves_no_index(
-    tmp_path: Path, bench: dict[str, bytes]
+    workers: int, tmp_path: Path, bench: dict[str, bytes]
 ) -> None:
-    cfg = tiny_config("local", tmp_path, decode_workers=2)
+    cfg = tiny_config("local", tmp_path, decode_workers=workers)
     store = open_storage(cfg.storage)
     load_into(store, bench)
     manifest = manifest_of(store, cfg, "r")
