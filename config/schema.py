@@ -82,12 +82,14 @@ class DataConfig(Section):
     val_fraction: Fraction = 0.15  # share of pairs in the validation split (stable hash)
     test_fraction: Fraction = 0.15  # share of pairs in the test split (stable hash)
     shard_size: PositiveInt = 64  # pairs per feature shard
-    # Objects fetched at once while preprocessing (both files of a pair together). To keep the
-    # decoders fed it must cover the round trip: pairs/s x 2 x latency, e.g. 300 x 2 x 0.05 = 30.
+    # Objects fetched at once while preprocessing (both files of a pair together; at least two
+    # per decode process). To keep the decoders fed it must cover the round trip:
+    # pairs/s x 2 x latency, e.g. 300 x 2 x 0.05 = 30.
     fetch_concurrency: PositiveInt = 32
-    # Processes that decode while preprocessing, each on its own core (the GIL would hold threads
-    # to one): "auto" = the cores this process may use, at most one per 64 pairs (a process costs
-    # ~1 s to start); 1 = decode in the pipeline's own process. Each holds ~150 MB resident.
+    # Processes that fetch and decode while preprocessing, each on its own core with its own S3
+    # client and a share of fetch_concurrency (the GIL would hold threads to one core): "auto" =
+    # the cores this process may use, at most one per 64 pairs (a process takes ~1-3 s to start);
+    # 1 = fetch and decode in the pipeline's own process. Each holds ~150 MB resident.
     decode_workers: Literal["auto"] | PositiveInt = "auto"
     max_image_pixels: PositiveInt = 40_000_000  # larger images are refused (decompression bombs)
     # Audio is cut (or zero-padded) to this many seconds from its start before the log-mel, so the
