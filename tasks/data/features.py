@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from config.schema import DataConfig
+from tasks import progress
 from tasks.data.manifest import PairRow, check_splits, count_labels, read_manifest
 from tasks.data.shards import write_shard
 from tasks.data.skipped import write_skipped
@@ -311,7 +312,8 @@ def build_features(
     n_bad_pairs = 0
     workers = decode_workers(data, len(rows))
     try:
-        for item in iter_decoded(store, rows, data, data.fetch_concurrency, workers):
+        decoded = iter_decoded(store, rows, data, data.fetch_concurrency, workers)
+        for item in progress.track(decoded, total=len(rows), description="preprocessing"):
             for problem in item.problems:
                 decode_skips.setdefault(problem["key"], problem)
             if item.audio is None or item.image is None:
