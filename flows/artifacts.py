@@ -7,6 +7,10 @@
     evaluation-metrics     table: every metric, one row per fusion
     plot-<name>            image: the key plots (KEY_PLOTS)
 
+and of each fusion's training (`TrainingProgress`, fit's `on_epoch`):
+
+    training-progress-<fusion>   progress: the share of the epochs done, updated after each
+
 Keys are fixed (lowercase with dashes), so each key's history on the Artifacts page is the run
 after run series. Links come from `Storage.link`: presigned URLs on S3 (they expire after
 `storage.presign_expiry_s`), paths on the local backend.
@@ -16,13 +20,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 from prefect.artifacts import (
     create_image_artifact,
     create_markdown_artifact,
+    create_progress_artifact,
     create_table_artifact,
+    update_progress_artifact,
 )
+from prefect.context import TaskRunContext
 
 from tasks.evaluate.metrics import HEADLINE, METRIC_NAMES
 from tasks.io import records
@@ -165,3 +173,25 @@ def publish_artifacts(
             )
             keys.append(key)
     return keys
+
+
+class TrainingProgress:
+    """The progress artifact of one fusion's training, as `fit`'s `on_epoch`: created at the
+    first report (the epochs a resume starts after), updated after each epoch, 100 when training
+    ends. Does nothing outside a Prefect task run (`fit` called as a plain function)."""
+
+    def __init__(self, fusion: str, run: str) -> None:
+        self.key = artifact_key(f"training-progress-{fusion}")
+        self.fusion, self.run = fusion, run
+        self.artifact_id: UUID | None = None
+
+    def __call__(self, done: int, epochs: int) -> None:
+        if TaskRunContext.get() is None:
+            return
+        percent = 100.0 * min(done, epochs) / epochs
+        description = f"{self.fusion}, run {self.run}: {done}/{epochs} epochs done"
+        if self.artifact_id is None:
+            made = create_progress_artifact(percent, key=self.key, description=description)
+            self.artifact_id = cast(UUID, made)  # typed UUID | Coroutine: called sync, a UUID
+        else:
+            update_progress_artifact(self.artifact_id, percent, description=description)

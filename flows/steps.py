@@ -190,7 +190,8 @@ def train_fusion_task(
     """
     store = storage.open_storage(cfg.storage)
     layout = Layout.from_config(cfg.storage)
-    ref = training.fit(store, layout, cfg, features, fusion, run)
+    progress = artifacts.TrainingProgress(fusion, run)
+    ref = training.fit(store, layout, cfg, features, fusion, run, on_epoch=progress)
     get_run_logger().info(
         "%s: %d epochs%s, best epoch %d (val loss %.4f) -> %s",
         fusion,

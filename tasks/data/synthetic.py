@@ -54,6 +54,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage, signal
 
 from config.schema import GeneratorConfig
+from tasks import progress
 from tasks.errors import ConfigError
 from tasks.io.layout import FAKE, REAL, Layout
 from tasks.io.storage import Storage, open_storage
@@ -501,7 +502,8 @@ def generate(store: Storage, layout: Layout, n: int, seed: int, workers: int = 4
         store.write_bytes(layout.dataset_key(spec.image_key), picture, content_type=kind)
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="make-dataset") as pool:
-        for done, _ in enumerate(pool.map(write_pair, specs), start=1):
+        written = progress.track(pool.map(write_pair, specs), total=n, description="benchmark")
+        for done, _ in enumerate(written, start=1):
             if done % 100 == 0:
                 log.info("wrote %d/%d pairs", done, n)
     store.write_bytes(layout.pairs_csv(), pairs_csv(specs), content_type="text/csv")

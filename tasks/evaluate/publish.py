@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict
 
 from config.load import validate_config
 from config.schema import EvaluationConfig, MemoryConfig, PipelineConfig, StorageConfig
+from tasks import progress
 from tasks.data.shards import DeepfakeDataset
 from tasks.errors import DataError, ObjectNotFound
 from tasks.evaluate import inference, plots
@@ -191,7 +192,8 @@ def score_model_file(
     dataset = DeepfakeDataset(
         storage_cfg, features.shards.get("test", []), shuffle=False, n_samples=expected
     )
-    predictions = inference.predict(model, dataset, device)
+    bar = progress.track(dataset, total=expected, description=f"test {meta.get('fusion', '')}")
+    predictions = inference.predict(model, bar, device)
     if len(predictions.score) != expected:
         log.warning(
             "%s: scored %d test pairs, the feature set lists %d",

@@ -21,7 +21,7 @@ import csv
 import io
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +31,7 @@ from torch import nn
 
 from config.schema import PipelineConfig, TrainingConfig
 from models import FUSIONS, build_model, seeded_init, use_generator
+from tasks import progress
 from tasks.data.shards import DeepfakeDataset
 from tasks.errors import CheckpointError, ConfigError, DataError
 from tasks.evaluate.calibration import fit_operating_point
@@ -88,9 +89,12 @@ def fit(
     run: str,
     *,
     read_memory: MemoryReader = monitor_memory,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> TrainedRef:
     """Train `fusion` on `features` for `training.epochs`, resuming from the newest checkpoint of
-    this fusion and run; returns where the best model is. `read_memory` feeds the memory guard."""
+    this fusion and run; returns where the best model is. `read_memory` feeds the memory guard;
+    `on_epoch(done, epochs)` hears of the epochs done: after the resume, after each saved epoch
+    and, when training stops early, once more with (epochs, epochs)."""
     tcfg = cfg.training
     if fusion not in FUSIONS:
         raise ConfigError(f"fusion {fusion!r}: expected one of {', '.join(FUSIONS)}")
@@ -121,6 +125,8 @@ def fit(
     state.batch_size = guard.initial
     if state.epoch:
         write_logs(store, layout, fusion, run, state)  # in case the crash came before they landed
+    report = on_epoch or _no_report
+    report(min(state.epoch, tcfg.epochs), tcfg.epochs)
     log.info(
         "training %s on %s (%d train / %d val pairs), epochs %d-%d, batch %d, %s, %s%s%s",
         fusion,
@@ -152,7 +158,7 @@ def fit(
         train_data.set_epoch(epoch)
         result = train_one_epoch(
             model,
-            iter(train_data),
+            progress.track(train_data, len(train_data), f"{fusion} epoch {epoch}/{tcfg.epochs}"),
             optimizer,
             scaler,
             guard,
@@ -166,7 +172,13 @@ def fit(
             n_train=len(train_data),
         )
         val, preds = evaluate(
-            model, val_data, device, objective, guard.batch_size, amp=amp, expected=len(val_data)
+            model,
+            progress.track(val_data, len(val_data), f"{fusion} validation {epoch}"),
+            device,
+            objective,
+            guard.batch_size,
+            amp=amp,
+            expected=len(val_data),
         )
         auc = validation_auc(preds)
         record = epoch_record(fusion, epoch, result, val, time.perf_counter() - started, auc)
@@ -192,6 +204,9 @@ def fit(
             generator=generator,
         )
         log_epoch(record, tcfg.epochs, best=improved)
+        report(epoch, tcfg.epochs)
+    if state.epoch < tcfg.epochs:  # stopped early: training is over all the same
+        report(tcfg.epochs, tcfg.epochs)
 
     if state.best_val_loss is None or not store.exists(layout.model(fusion, run)):
         raise CheckpointError(
@@ -210,6 +225,10 @@ def fit(
     )
     records.write_json(store, layout.trained(fusion, run), ref.model_dump(mode="json"))
     return ref
+
+
+def _no_report(done: int, epochs: int) -> None:
+    """`fit`'s default `on_epoch`: nobody listens."""
 
 
 def fusion_seed(seed: int, fusion: str) -> int:

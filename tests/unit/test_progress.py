@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,23 @@ def test_log_lines_print_above_the_bar_then_the_handler_is_restored(
         logger.removeHandler(handler)
     assert handler.stream is term
     assert term.getvalue().count("epoch 1 step 10: bce 0.6931") == 2
+
+
+def test_fit_reports_each_epoch_done_from_the_resume_on(tmp_path: Path) -> None:
+    from tasks.io.layout import Layout
+    from tasks.io.storage import open_storage
+    from tasks.train.fit import fit
+    from tests.unit.test_training import make_cfg, write_features
+
+    cfg = make_cfg(str(tmp_path / "bucket"), training={"epochs": 1})
+    store = open_storage(cfg.storage)
+    store.check()
+    features = write_features(store, n_train=16, n_val=8)
+    heard: list[tuple[int, int]] = []
+    fit(store, Layout(), cfg, features, "early", "r1", on_epoch=lambda *a: heard.append(a))
+    assert heard == [(0, 1), (1, 1)]
+
+    heard.clear()  # the same run with two more epochs resumes after epoch 1
+    longer = make_cfg(str(tmp_path / "bucket"), training={"epochs": 3})
+    fit(store, Layout(), longer, features, "early", "r1", on_epoch=lambda *a: heard.append(a))
+    assert heard == [(1, 3), (2, 3), (3, 3)]
