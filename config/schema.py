@@ -42,7 +42,18 @@ class StorageConfig(Section):
     # open and drop a connection each time.
     max_pool_connections: PositiveInt = 64
     multipart_threshold_mb: PositiveInt = 64  # uploads at least this large go multipart
-    presign_expiry_s: PositiveInt = 7 * 24 * 3600  # lifetime of links in Prefect artifacts
+    # Links in reports and artifacts carry no credentials (`Storage.link`): no presigned URLs.
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_settings(cls, raw: object) -> object:
+        if isinstance(raw, dict) and "presign_expiry_s" in raw:
+            raise ValueError(
+                "presign_expiry_s was removed: links in reports and artifacts are no longer "
+                "presigned (a presigned URL carries the access key id and session token); "
+                "delete the key"
+            )
+        return raw
 
     @field_validator("uri")
     @classmethod

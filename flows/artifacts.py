@@ -12,12 +12,15 @@ and of each fusion's training (`TrainingProgress`, fit's `on_epoch`):
     training-progress-<fusion>   progress: the share of the epochs done, updated after each
 
 Keys are fixed (lowercase with dashes), so each key's history on the Artifacts page is the run
-after run series. Links come from `Storage.link`: presigned URLs on S3 (they expire after
-`storage.presign_expiry_s`), paths on the local backend.
+after run series. Links come from `Storage.link` and carry no credentials (on AWS the S3
+console's page of the object, on another store its plain URL, on the local backend its path);
+the key plots are inlined as `data:` URLs, so the UI shows them without any link that would need
+signing (a presigned URL holds the signer's access key id and session token).
 """
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
@@ -151,6 +154,11 @@ def metrics_table(ref: EvaluationRef) -> list[dict[str, float | str]]:
     ]
 
 
+def inline_png(data: bytes) -> str:
+    """A PNG as a `data:` URL, which the UI's image artifact shows as it is."""
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
 def publish_artifacts(
     store: Storage, ref: EvaluationRef, trained: Sequence[TrainedRef]
 ) -> list[str]:
@@ -169,7 +177,9 @@ def publish_artifacts(
         if name in by_name:
             key = artifact_key(f"plot-{name}")
             create_image_artifact(
-                image_url=store.link(by_name[name]), key=key, description=f"{description}: {name}"
+                image_url=inline_png(store.read_bytes(by_name[name])),
+                key=key,
+                description=f"{description}: {name} ({store.uri(by_name[name])})",
             )
             keys.append(key)
     return keys

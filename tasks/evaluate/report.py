@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from tasks.runs.champions import ChampionDecision
 
 MAX_SKIPPED_ROWS = 500  # skipped files listed in the page; the rest are counted
-Link = tuple[str, str]  # (URI shown, href: a presigned URL on S3, a path on the local backend)
+Link = tuple[str, str]  # (URI shown, href: `Storage.link`, a URL or path without credentials)
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -255,7 +255,7 @@ def render_report(
     champions: Sequence[ChampionDecision] | None = None,
 ) -> str:
     """The report page. `doc` is the run's metrics.json, `plots` PNG bytes by name, `settings`
-    the run's configuration; links are (URI, href) pairs, href a presigned URL or a path;
+    the run's configuration; links are (URI, href) pairs, href a credential-free URL or a path;
     `champions` the run's champion decisions (None: the run has none, no section)."""
     body = "\n".join(
         [

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from config.schema import StorageConfig
 from tasks.errors import (
@@ -94,7 +95,6 @@ def open_storage(cfg: StorageConfig) -> Storage:
             max_attempts=cfg.max_attempts,
             max_pool_connections=cfg.max_pool_connections,
             multipart_threshold=cfg.multipart_threshold_mb << 20,
-            presign_expiry_s=cfg.presign_expiry_s,
         )
     return LocalStorage(cfg.uri)
 
@@ -279,7 +279,6 @@ class S3Storage:
         max_attempts: int = 8,
         max_pool_connections: int = 16,
         multipart_threshold: int = 64 << 20,
-        presign_expiry_s: int = 7 * 24 * 3600,
     ) -> None:
         rest = uri[len("s3://") :]
         self.bucket, _, prefix = rest.partition("/")
@@ -294,7 +293,6 @@ class S3Storage:
         self.max_attempts = max_attempts
         self.max_pool_connections = max_pool_connections
         self.multipart_threshold = multipart_threshold
-        self.presign_expiry_s = presign_expiry_s
         self._lock = threading.Lock()
         self._client: Any = None
         self._pid = os.getpid()
@@ -481,11 +479,15 @@ class S3Storage:
             raise self._translate(exc, folder) from exc
 
     def link(self, key: str) -> str:
-        """A presigned GET URL, for links in Prefect artifacts."""
-        return str(
-            self.client.generate_presigned_url(
-                "get_object",
-                Params={"Bucket": self.bucket, "Key": self._key(key)},
-                ExpiresIn=self.presign_expiry_s,
-            )
+        """A URL of the object that carries no credentials, for links in reports and Prefect
+        artifacts: on AWS the S3 console's page of the object (opened under the viewer's own
+        login), on another store `{endpoint_url}/{bucket}/{key}`. Never a presigned URL: one
+        holds the signer's access key id, and under an instance role its session token too."""
+        full = self._key(key)
+        if self.endpoint_url:
+            return f"{self.endpoint_url.rstrip('/')}/{self.bucket}/{quote(full)}"
+        region = self.region or self.client.meta.region_name or "us-east-1"
+        return (
+            f"https://console.aws.amazon.com/s3/object/{self.bucket}"
+            f"?region={region}&prefix={quote(full, safe='')}"
         )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from prefect import flow
 from prefect.artifacts import Artifact
 from prefect.client.orchestration import get_client
@@ -52,7 +55,12 @@ def write_metrics(storage: StorageConfig) -> dict:
     doc = publish.metrics_document(
         RUN, PipelineConfig().evaluation, features, trained, preds, {"late": POINT}
     )
-    records.write_json(open_storage(storage), Layout().metrics(RUN), doc)
+    store = open_storage(storage)
+    records.write_json(store, Layout().metrics(RUN), doc)
+    for i, name in enumerate(plot_names(eval_inputs.FUSIONS)):  # stand-ins for the plots
+        buf = io.BytesIO()
+        Image.new("RGB", (4, 3), (i, 0, 0)).save(buf, format="PNG")
+        store.write_bytes(Layout().plot(RUN, name), buf.getvalue())
     return doc
 
 
@@ -72,7 +80,7 @@ def read_back(flow_run_id: str) -> dict[str, object]:
     return {a.key: a for a in found}
 
 
-def test_artifacts_have_ui_keys_and_presigned_links_on_s3(
+def test_artifacts_have_ui_keys_and_credential_free_links_on_s3(
     prefect_harness, s3_server, s3_bucket
 ) -> None:
     storage = StorageConfig(uri=f"s3://{s3_bucket}", endpoint_url=s3_server.endpoint_url)
@@ -100,12 +108,11 @@ def test_artifacts_have_ui_keys_and_presigned_links_on_s3(
     assert f"# Evaluation of run {RUN}" in text
     for fusion in eval_inputs.FUSIONS:
         assert f"| {fusion} | {ref.metrics[fusion]['roc_auc']:.4f} |" in text
-    # links are presigned URLs to the report, metrics, all 19 plots and the models
-    assert (
-        f"[report.html]({s3_server.endpoint_url}/{s3_bucket}/outputs/reports/{RUN}/report.html?"
-        in text
-    )
-    assert text.count("Signature=") == 1 + 1 + 19 + 3
+    # links to the report, metrics, all 19 plots and the models, none presigned (no credentials)
+    base = f"{s3_server.endpoint_url}/{s3_bucket}/outputs"
+    assert f"[report.html]({base}/reports/{RUN}/report.html)" in text
+    assert text.count(f"]({base}/") == 1 + 1 + 19 + 3
+    assert "X-Amz-" not in text and "Signature=" not in text
     assert f"s3://{s3_bucket}/outputs/models/late/{RUN}/model.pt" in text
     # the fitted operating points, with the test metrics there and (in brackets) at the fixed one
     assert "fixed threshold 0.5" in text
@@ -127,9 +134,10 @@ def test_artifacts_have_ui_keys_and_presigned_links_on_s3(
 
     image = found["plot-roc-curves"]
     assert image.type == "image"
-    assert str(image.data).startswith(
-        f"{s3_server.endpoint_url}/{s3_bucket}/outputs/plots/{RUN}/roc-curves.png?"
-    )
+    # the plot itself, inlined: the UI shows it without a signed link
+    png = open_storage(storage).read_bytes(f"outputs/plots/{RUN}/roc-curves.png")
+    assert str(image.data) == "data:image/png;base64," + base64.b64encode(png).decode()
+    assert f"s3://{s3_bucket}/outputs/plots/{RUN}/roc-curves.png" in str(image.description)
     assert Artifact.get("plot-det-curves") is not None
 
 
@@ -141,9 +149,8 @@ def test_local_backend_links_are_paths(prefect_harness, tmp_path: Path) -> None:
     text = str(found["evaluation-summary"].data)
     report = tmp_path.resolve() / "outputs" / "reports" / RUN / "report.html"
     assert f"[report.html]({report})" in text
-    assert str(found["plot-roc-curves"].data) == str(
-        tmp_path.resolve() / "outputs" / "plots" / RUN / "roc-curves.png"
-    )
+    png = (tmp_path / "outputs" / "plots" / RUN / "roc-curves.png").read_bytes()
+    assert str(found["plot-roc-curves"].data).endswith(base64.b64encode(png).decode())
     assert len(keys) == 7
 
 
