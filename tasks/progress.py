@@ -13,6 +13,7 @@ The display goes when its last bar ends.
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 import threading
@@ -20,7 +21,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import IO, TypeVar, cast
 
 from rich.console import Console
-from rich.file_proxy import FileProxy
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -30,6 +30,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 __all__ = ["enabled", "track"]
 
@@ -117,7 +118,7 @@ def _route(handler: logging.StreamHandler, console: Console) -> Callable[[], Non
     """Point `handler` (and the rich console of Prefect's handler) at a proxy that prints
     through `console`; returns the call that points it back."""
     original = handler.stream
-    proxy = cast(IO[str], FileProxy(console, original))
+    proxy = cast(IO[str], _PrintAbove(console, original))
     handler.stream = proxy
     inner = getattr(handler, "console", None)
     inner_file = inner.file if isinstance(inner, Console) else None
@@ -130,3 +131,29 @@ def _route(handler: logging.StreamHandler, console: Console) -> Callable[[], Non
             inner.file = inner_file
 
     return restore
+
+
+class _PrintAbove(io.TextIOBase):
+    """A text stream whose complete lines `console` prints (above its live display). Not rich's
+    FileProxy: a Console given a FileProxy as its file writes to the file behind it, and Prefect's
+    handler prints through a Console of its own."""
+
+    def __init__(self, console: Console, file: IO[str]) -> None:
+        self._console, self._file, self._partial = console, file, ""
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            self._console.print(Text.from_ansi(line), soft_wrap=True)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:
+            self._console.print(Text.from_ansi(self._partial), soft_wrap=True)
+            self._partial = ""
+
+    def isatty(self) -> bool:
+        return self._file.isatty()
+
+    def fileno(self) -> int:
+        return self._file.fileno()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from tasks import progress
 
@@ -76,6 +78,42 @@ def test_log_lines_print_above_the_bar_then_the_handler_is_restored(
         logger.removeHandler(handler)
     assert handler.stream is term
     assert term.getvalue().count("epoch 1 step 10: bce 0.6931") == 2
+
+
+class RichConsoleHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Like Prefect's console handler: prints each record through a rich Console of its own."""
+
+    def __init__(self, stream: io.StringIO) -> None:
+        super().__init__(stream)
+        self.console = Console(file=stream)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.console.print(self.format(record), soft_wrap=True)
+
+
+def test_a_handler_printing_through_its_own_rich_console_prints_above_the_bar(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    term = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    handler = RichConsoleHandler(term)
+    logger = logging.getLogger("tests.progress.rich")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        for _ in progress.track(range(1), total=1, description="late epoch 1/2"):
+            before = term.getvalue()
+            logger.info("late epoch 1 step 2: bce 0.6931")
+            written = term.getvalue()[len(before) :]
+    finally:
+        logger.removeHandler(handler)
+    assert handler.console.file is term
+    # the display clears its line, prints the record (its colours kept) on a line of its own,
+    # then draws the bar again below it
+    assert written.startswith("\r\x1b[2K")
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", written)
+    record, bar = plain.removeprefix("\r").split("\n")
+    assert record == "late epoch 1 step 2: bce 0.6931" and bar.startswith("late epoch 1/2 ")
 
 
 def test_fit_reports_each_epoch_done_from_the_resume_on(tmp_path: Path) -> None:
