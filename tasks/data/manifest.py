@@ -199,8 +199,19 @@ def pairs_from_csv(
     skipped: list[dict[str, str]] = []
     seen: set[tuple[str, str]] = set()
     given: set[str] = set()  # splits named in the split column
-    for line, raw in enumerate(reader, start=2):
+    for raw in reader:
+        line = reader.line_num  # of the row's last line (a quoted cell may span lines)
+        extra = raw.pop(None, None)  # cells beyond the header
+        short = sum(v is None for v in raw.values())  # cells the row lacks
         rec = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+        if extra or short:
+            n = len(columns) + len(extra or []) - short
+            skipped.append({
+                "key": f"{layout.pairs_csv()}:{line}",
+                "reason": f"{n} field(s) where the header has {len(columns)}",
+                "stage": "pairs.csv",
+            })  # fmt: skip
+            continue
         audio_key = _dataset_key(rec["audio_key"], layout)
         image_key = _dataset_key(rec["image_key"], layout)
         label = LABEL_VALUES.get(rec["label"].lower())

@@ -175,6 +175,7 @@ def read_pairs_csv(text: str, where: str) -> list[tuple[str, str]]:
         )
     pairs = []
     for raw in reader:
+        raw.pop(None, None)  # cells beyond the header: ignored like the other extra columns
         rec = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
         pairs.append((rec["audio_key"], rec["image_key"]))
     if not pairs:
