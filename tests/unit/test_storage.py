@@ -114,6 +114,21 @@ def test_link_points_at_the_object(store: Storage) -> None:
     assert "outputs/reports/r/report.html" in link
 
 
+def test_s3_links_carry_no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never a presigned URL (it holds the access key id and any session token): the console's
+    page of the object on AWS, the plain object URL on another store."""
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "token-that-must-not-appear")
+    aws = S3Storage("s3://bkt/pre", region="eu-west-1")
+    assert aws.link("outputs/a b+é.html") == (
+        "https://console.aws.amazon.com/s3/object/bkt?region=eu-west-1"
+        "&prefix=pre%2Foutputs%2Fa%20b%2B%C3%A9.html"
+    )
+    other = S3Storage("s3://bkt", endpoint_url="http://127.0.0.1:8333/")
+    assert other.link("outputs/a b.html") == "http://127.0.0.1:8333/bkt/outputs/a%20b.html"
+    for link in (aws.link("k"), other.link("k")):
+        assert "token" not in link and os.environ["AWS_ACCESS_KEY_ID"] not in link
+
+
 # ---- backend-specific behaviour -------------------------------------------------------------
 
 
