@@ -1,6 +1,7 @@
 """No secret goes out: fake AWS keys (access key, secret key, session token) and a fake Prefect
 API key are planted in the environment of a tiny `train-all-fusions` run on S3 (moto's server
-over HTTP, which takes any keys), and of runs that fail on purpose; then every output is scanned:
+over HTTP, which takes any keys), an `evaluate` and a `detect` run after it, and of runs that
+fail on purpose; then every output is scanned:
 every object in the bucket, every Prefect artifact, log and flow or task run state message of
 those runs (read back through the Prefect client), the captured console, and the errors raised.
 A planted value, raw or URL-encoded, must appear in none of them."""
@@ -123,6 +124,8 @@ def prefect_text(since: datetime) -> dict[str, str]:
 def test_planted_keys_appear_in_no_output(
     tmp_path: Path, s3_server, s3_bucket: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
+    from flows.detect import detect
+    from flows.evaluate import evaluate_models
     from flows.train_all_fusions import train_all_fusions
 
     since = datetime.now(UTC)
@@ -130,6 +133,9 @@ def test_planted_keys_appear_in_no_output(
     config.write_text(TINY.format(bucket=s3_bucket, endpoint=s3_server.endpoint_url))
     summary = train_all_fusions(config_path=str(config))
     assert summary.fusions == ["mid"] and summary.report_key
+    # the other flows that write into the bucket and make artifacts: re-evaluation, detection
+    assert evaluate_models(config_path=str(config)).reproduced is True
+    assert detect(config_path=str(config), prefix="dataset/").n_scored > 0
 
     # runs that fail on purpose: a bucket that does not exist, a bad override, a missing file
     errors: dict[str, str] = {}
