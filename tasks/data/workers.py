@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import pickle
 import queue
 import struct
 import traceback
@@ -164,11 +165,12 @@ def process_window(concurrency: int, workers: int) -> int:
 
 
 def _process_main(
-    cfg: DataConfig, store: Storage, jobs: Any, results: Any, threads: int
+    cfg: DataConfig, store: Storage, jobs: Any, results: Any, threads: int, wid: int
 ) -> None:  # pragma: no cover - runs in the spawned process (the tests see its results)
-    """One decode process: take jobs from the shared queue as long as fewer than threads/2 pairs
-    are being fetched here (so a faster process takes more), decode them in the order taken,
-    put (index, result) on `results`; (-1, traceback) on an unexpected error."""
+    """Decode process `wid`: take jobs from its queue as long as fewer than threads/2 pairs are
+    being fetched here, decode them in the order taken,
+    put (index, result) on `results`; (-1, the exception) on an error (a storage error that
+    is not a vanished object, a bug)."""
     results.cancel_join_thread()  # on an abort nobody reads the rest: exit without flushing it
     _init_worker(cfg)
     depth = max(1, threads // 2)
@@ -199,9 +201,23 @@ def _process_main(
                         return
                     continue
                 index, keys, wheres, (audio, image) = pending.popleft()
-                results.put((index, decode_pair(audio.result(), image.result(), keys, wheres, cfg)))
-    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
-        results.put((-1, traceback.format_exc()))
+                decoded = decode_pair(audio.result(), image.result(), keys, wheres, cfg)
+                results.put((index, wid, decoded))
+    except BaseException as exc:  # noqa: BLE001 - handed to the parent, which raises it
+        results.put((-1, wid, _portable(exc)))
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """`exc` as the parent can re-raise it: the same type when it pickles (a `Throttled` stays
+    a `Throttled`, so the step's retry policy still sees it), with this process's traceback as
+    a note; else a `DataError` holding that traceback."""
+    text = traceback.format_exc()
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - anything unpicklable is reported as text
+        return DataError(f"a decode process failed (data.decode_workers):\n{text}")
+    exc.add_note(f"raised in a decode process:\n{text}")
+    return exc
 
 
 def decode_processes(
@@ -213,12 +229,16 @@ def decode_processes(
     fails is a `DataError` naming data.decode_workers; the others are stopped either way.
     """
     ctx: Any = mp.get_context(START_METHOD)
-    job_q, result_q = ctx.Queue(), ctx.Queue()
+    # A queue per process: with one shared queue, a process blocked in get() holds the queue's
+    # reader lock, so another's get_nowait() fails and it stops refilling for that moment. The
+    # parent hands each job to the process with the fewest outstanding.
+    job_qs = [ctx.Queue() for _ in range(workers)]
+    result_q = ctx.Queue()
     threads = process_threads(concurrency, workers)
     procs = [
         ctx.Process(
             target=_process_main,
-            args=(cfg, store, job_q, result_q, threads),
+            args=(cfg, store, job_qs[i], result_q, threads, i),
             name=f"decode-{i}",
             daemon=True,
         )
@@ -227,16 +247,24 @@ def decode_processes(
     for p in procs:
         p.start()
     window = process_window(concurrency, workers)
+    outstanding = [0] * workers
     sent, done = 0, 0
     ready: dict[int, DecodeResult] = {}
+
+    def send() -> None:
+        nonlocal sent
+        w = min(range(workers), key=outstanding.__getitem__)
+        job_qs[w].put(jobs[sent])
+        outstanding[w] += 1
+        sent += 1
+
     try:
         while sent < min(window, len(jobs)):
-            job_q.put(jobs[sent])
-            sent += 1
+            send()
         while done < len(jobs):
             while done not in ready:
                 try:
-                    index, result = result_q.get(timeout=1.0)
+                    index, wid, result = result_q.get(timeout=1.0)
                 except queue.Empty:
                     dead = [p for p in procs if not p.is_alive()]
                     if dead:
@@ -247,22 +275,23 @@ def decode_processes(
                         ) from None
                     continue
                 if index < 0:
-                    raise DataError(f"a decode process failed (data.decode_workers):\n{result}")
+                    raise result
+                outstanding[wid] -= 1
                 ready[index] = result
             yield ready.pop(done)
             done += 1
             if sent < len(jobs):
-                job_q.put(jobs[sent])
-                sent += 1
+                send()
     finally:
-        for _ in procs:
-            job_q.put(None)
+        for q in job_qs:
+            q.put(None)
         for p in procs:
             p.join(timeout=10)
         for p in procs:
             if p.is_alive():
                 p.terminate()
                 p.join()
-        job_q.cancel_join_thread()
-        job_q.close()
+        for q in job_qs:
+            q.cancel_join_thread()
+            q.close()
         result_q.close()

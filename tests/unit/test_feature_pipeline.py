@@ -17,7 +17,7 @@ from tasks.data.features import AUTO_PAIRS_PER_WORKER, decode_workers, iter_deco
 from tasks.data.manifest import read_manifest
 from tasks.data.shards import read_shard
 from tasks.data.workers import process_window
-from tasks.errors import StorageError
+from tasks.errors import StorageError, Throttled
 from tasks.io.layout import SPLITS
 from tasks.io.storage import Storage, open_storage
 from tests.unit.synthetic_data import (
@@ -190,3 +190,35 @@ def test_a_failed_shard_write_fails_the_build_and_leaves_no_index(
         features_of(FailingWrites(store), cfg, manifest)  # type: ignore[arg-type]
     assert not [o.key for o in store.list("outputs/cache/") if o.key.endswith("index.json")]
     assert features_of(store, cfg, manifest).cache_hit is False  # a later run rebuilds
+
+
+class ThrottledReads(FailingWrites):
+    """Reads of one image fail as throttled after retries (a transient fault)."""
+
+    victim = ""  # the key that fails
+
+    def read_bytes(self, key: str) -> bytes:
+        if key.endswith(self.victim):
+            raise Throttled(
+                f"{self.inner.uri(key)}: throttled by the store after retries (planted)"
+            )
+        return self.inner.read_bytes(key)
+
+    def write_bytes(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        return self.inner.write_bytes(key, data, content_type)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_storage_fault_in_a_decode_process_keeps_its_type(
+    workers: int, tmp_path: Path, bench: dict[str, bytes]
+) -> None:
+    cfg = tiny_config("local", tmp_path, decode_workers=workers)
+    store = open_storage(cfg.storage)
+    load_into(store, bench)
+    manifest = manifest_of(store, cfg, "r")
+    flaky = ThrottledReads(store)
+    flaky.victim = read_manifest(store, manifest.key)[-1].image_key
+    # The step retries Throttled (is_transient): a decode process must not turn it into another
+    # error, nor into a skipped file.
+    with pytest.raises(Throttled, match="planted"):
+        features_of(flaky, cfg, manifest)  # type: ignore[arg-type]
