@@ -22,7 +22,7 @@ from tasks.data.decode import (
     preprocess_audio,
     read_audio_prefix,
 )
-from tasks.data.features import _fetch
+from tasks.data.workers import fetch
 from tasks.errors import ConfigError, CorruptSample
 from tasks.io.storage import LocalStorage, S3Storage
 
@@ -153,10 +153,10 @@ def test_the_fetch_reads_audio_only_partly_from_s3_and_a_folder(
     ]
     for store in stores:
         store.write_bytes(key, wav)
-        got = _fetch(store, key, CFG)
+        got = fetch(store, key, CFG)
         assert isinstance(got, bytes) and wav.startswith(got)
         assert len(got) < len(wav) / 10, store.root_uri
-        assert _fetch(store, key) == wav  # images (no audio settings) are read whole
+        assert fetch(store, key) == wav  # images (no audio settings) are read whole
         np.testing.assert_allclose(
             preprocess_audio(got, CFG, key), preprocess_audio(wav, CFG, key), atol=1e-5
         )
