@@ -171,7 +171,6 @@ def _process_main(
     being fetched here, decode them in the order taken,
     put (index, result) on `results`; (-1, the exception) on an error (a storage error that
     is not a vanished object, a bug)."""
-    results.cancel_join_thread()  # on an abort nobody reads the rest: exit without flushing it
     _init_worker(cfg)
     depth = max(1, threads // 2)
     parent = mp.parent_process()
@@ -185,7 +184,10 @@ def _process_main(
                         job = jobs.get(timeout=1.0) if not pending else jobs.get_nowait()
                     except queue.Empty:
                         if not pending and parent is not None and not parent.is_alive():
-                            return  # the build's process is gone (killed): so is the work
+                            # the build's process is gone (killed): so is the work, and nobody
+                            # reads what is left in the queue: exit without flushing it
+                            results.cancel_join_thread()
+                            return
                         break
                     if job is None:
                         ended = True
@@ -267,13 +269,16 @@ def decode_processes(
                     index, wid, result = result_q.get(timeout=1.0)
                 except queue.Empty:
                     dead = [p for p in procs if not p.is_alive()]
-                    if dead:
+                    if not dead:
+                        continue
+                    try:  # what it put before it ended (its error) may have arrived meanwhile
+                        index, wid, result = result_q.get(timeout=1.0)
+                    except queue.Empty:
                         raise DataError(
                             f"decode process {dead[0].name} died (exit code {dead[0].exitcode}; "
                             f"killed for memory?): lower data.decode_workers (now "
                             f"{cfg.decode_workers}, {workers} processes)"
                         ) from None
-                    continue
                 if index < 0:
                     raise result
                 outstanding[wid] -= 1
