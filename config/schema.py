@@ -17,6 +17,14 @@ FusionName = Literal["early", "mid", "late"]
 ALL_FUSIONS: tuple[FusionName, ...] = ("early", "mid", "late")
 
 
+def refuse_removed(raw: object, key: str, why: str) -> object:
+    """A section's raw mapping, unless it still names the removed setting `key`: then the
+    one-line reason, so an old config fails saying what to do rather than "extra field"."""
+    if isinstance(raw, dict) and key in raw:
+        raise ValueError(f"{key} was removed: {why}; delete the key")
+    return raw
+
+
 class Section(BaseModel):
     """Common settings of every section: frozen, no unknown keys."""
 
@@ -47,13 +55,12 @@ class StorageConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _removed_settings(cls, raw: object) -> object:
-        if isinstance(raw, dict) and "presign_expiry_s" in raw:
-            raise ValueError(
-                "presign_expiry_s was removed: links in reports and artifacts are no longer "
-                "presigned (a presigned URL carries the access key id and session token); "
-                "delete the key"
-            )
-        return raw
+        return refuse_removed(
+            raw,
+            "presign_expiry_s",
+            "links in reports and artifacts are no longer presigned (a presigned URL carries "
+            "the access key id and session token)",
+        )
 
     @field_validator("uri")
     @classmethod
@@ -112,12 +119,12 @@ class DataConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _removed_settings(cls, raw: object) -> object:
-        if isinstance(raw, dict) and "max_audio_seconds" in raw:
-            raise ValueError(
-                "max_audio_seconds was removed: audio of any length is now read only as far as "
-                "data.clip_seconds needs, so long files are no longer refused; delete the key"
-            )
-        return raw
+        return refuse_removed(
+            raw,
+            "max_audio_seconds",
+            "audio of any length is now read only as far as data.clip_seconds needs, so long "
+            "files are no longer refused",
+        )
 
 
 class GeneratorConfig(Section):
