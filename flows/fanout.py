@@ -15,6 +15,15 @@ is already shared by every worker, and the record sits next to the model it poin
 
 A worker running the parent holds one of its slots while it waits: give the pool at least two
 workers (or a worker without `--limit 1`), else the children never start.
+
+Cancelling the parent cancels its children (`cancel_fan_out`, the `on_cancellation` hook of
+train-all-fusions). The worker that ran the parent kills its process, runs the hook and only then
+marks the parent Cancelled: the hook sets every unfinished child Cancelling (a worker kills its
+process and marks it Cancelled), or Cancelled at once when no worker has taken it yet. Prefect's
+server would cascade too, but only to subflows, only after the parent is Cancelled and only on
+its cleanup service's next pass (20 s by default; not at all with the service off): a child
+would go on training meanwhile. A parent that stops waiting (`timeout_s`) cancels its children
+the same way before it fails.
 """
 
 from __future__ import annotations
@@ -23,10 +32,19 @@ import logging
 import time
 from collections.abc import Sequence
 from typing import Any
+from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterParentFlowRunId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.deployments import run_deployment
+from prefect.logging.loggers import flow_run_logger
+from prefect.states import Cancelled, Cancelling
 from pydantic import ValidationError
 
 from config.schema import PipelineConfig
@@ -105,9 +123,60 @@ def wait_for_runs(
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 waiting = ", ".join(f"{f} ({fr.id}, {fr.state_name})" for f, fr in pending.items())
+                message = f"the parent stopped waiting after {timeout_s:.0f} s"
+                for fr in pending.values():  # nobody would read their results: stop them
+                    cancel_run(client, fr, message)
                 raise FanOutError(f"fusion runs not finished after {timeout_s:.0f} s: {waiting}")
             time.sleep(poll_s)
     return {fusion: done[fusion] for fusion in flow_runs}
+
+
+# States a run is still going in; SCHEDULED ones (Scheduled, Late, AwaitingRetry...) have no
+# process yet, the others may have one that a worker must kill.
+UNFINISHED = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED]
+
+
+def cancel_run(client: Any, flow_run: FlowRun, message: str) -> State | None:
+    """Cancel one flow run: Cancelled when it is still scheduled (no process to stop), else
+    Cancelling, which the worker that runs it answers by killing its process and marking it
+    Cancelled. Returns the state the API now holds, or None when the run had already finished."""
+    fr = client.read_flow_run(flow_run.id)
+    if not fr.state or fr.state.type not in UNFINISHED:
+        return None
+    if fr.state.type == StateType.SCHEDULED:
+        result = client.set_flow_run_state(fr.id, Cancelled(message=message))
+    else:
+        result = client.set_flow_run_state(fr.id, Cancelling(message=message))
+    return result.state
+
+
+def cancel_child_runs(parent_id: UUID, message: str) -> dict[str, str]:
+    """Cancel (`cancel_run`) every unfinished flow run started from flow run `parent_id`
+    (the fan-out's deployment runs are its subflow runs); returns run name -> state now."""
+    unfinished = FlowRunFilter(
+        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id]),
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=UNFINISHED)),
+    )
+    done: dict[str, str] = {}
+    with get_client(sync_client=True) as client:
+        for child in client.read_flow_runs(flow_run_filter=unfinished):
+            state = cancel_run(client, child, message)
+            done[child.name] = (state.name or state.type.value) if state else "already finished"
+    return done
+
+
+def cancel_fan_out(flow: Any, flow_run: FlowRun, state: State) -> None:
+    """`on_cancellation` hook of train-all-fusions: cancel the fusion runs it started.
+    Prefect calls it with (flow, flow run, state); it runs where the parent ran (in the worker's
+    hook process under a worker), after the parent's own process was stopped."""
+    logger = flow_run_logger(flow_run)
+    cancelled = cancel_child_runs(flow_run.id, f"parent run {flow_run.name!r} was cancelled")
+    if cancelled:
+        logger.info(
+            "cancelled %d fan-out run(s): %s",
+            len(cancelled),
+            ", ".join(f"{name} -> {s}" for name, s in sorted(cancelled.items())),
+        )
 
 
 def trained_ref_from_bucket(store: Storage, layout: Layout, fusion: str, run: str) -> TrainedRef:

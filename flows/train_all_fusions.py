@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger
 from config import load_config
 from config.schema import PipelineConfig
 from flows.common import base_parser, enable_project_logging, run_cli
+from flows.fanout import cancel_fan_out  # cancelling the run cancels its fan-out
 from flows.steps import (
     build_features,
     build_manifest,
@@ -31,7 +32,7 @@ from tasks.refs import FeatureRef, RunSummary, TrainedRef
 from tasks.train.memory import plan_concurrency
 
 
-@flow(name="train-all-fusions", log_prints=False)
+@flow(name="train-all-fusions", log_prints=False, on_cancellation=[cancel_fan_out])
 def train_all_fusions(
     config_path: str = "config/config.yaml", overrides: list[str] | None = None
 ) -> RunSummary:
