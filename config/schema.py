@@ -163,6 +163,9 @@ class TrainingConfig(Section):
     # lower validation loss) or the lowest validation loss ("loss").
     select_on: Literal["auc", "loss"] = "auc"
     patience: PositiveInt | None = None  # stop after this many epochs without improvement
+    # Validate, select and save an exponential moving average of the weights over about this many
+    # epochs (tasks/train/average.py) instead of the raw weights; None = the raw weights.
+    average_epochs: Annotated[float, Field(gt=0)] | None = None
     # Augmentations that keep artefacts: random horizontal flips and random crops (crop mode)
     # of the image, a random time shift of the log-mel; never a blurring resize.
     augment: bool = True

@@ -34,6 +34,7 @@ from models.image import load_resnet_weights, resnet_trunk
 from tasks.errors import CheckpointError, ConfigError, ObjectNotFound
 from tasks.io.layout import Layout
 from tasks.io.storage import Storage
+from tasks.train.average import WeightAverage
 
 log = logging.getLogger(__name__)
 
@@ -241,9 +242,11 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler,
     state: TrainState,
     generator: torch.Generator | None = None,
+    average: WeightAverage | None = None,
 ) -> str:
     """Write `checkpoints/epoch-N.pt` for the epoch just finished; prune old ones if configured.
-    `generator`: the model's own random stream (dropout), saved with the other RNGs."""
+    `generator`: the model's own random stream (dropout), saved with the other RNGs; `average`:
+    the weight average (`training.average_epochs`), saved beside the raw weights."""
     key = layout.checkpoint(fusion, run, state.epoch)
     uri = store.write_bytes(
         key,
@@ -265,6 +268,7 @@ def save_checkpoint(
                 "scaler": scaler.state_dict(),
                 "rng": rng_state(generator),
                 "config": cfg.model_dump(mode="json"),
+                "average": None if average is None else average.state_dict(),
             }
         ),
     )
@@ -298,9 +302,11 @@ def resume(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     generator: torch.Generator | None = None,
+    average: WeightAverage | None = None,
 ) -> TrainState:
     """Load the newest readable checkpoint of this fusion and run into the model, optimizer,
-    scaler and RNGs (the model's own `generator` too); a fresh `TrainState` when there is none.
+    scaler, RNGs (the model's own `generator` too) and weight `average` (one saved without an
+    average starts it from the resumed weights); a fresh `TrainState` when there is none.
     An unreadable newest checkpoint (e.g. cut short) falls back to the one before; one saved with
     other `ARCHITECTURE_KEYS` of `mcfg` is refused."""
     found = list_checkpoints(store, layout, fusion, run)
@@ -319,6 +325,12 @@ def resume(
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"{where}: does not fit the {fusion} model ({exc})") from exc
         set_rng_state(ckpt["rng"], generator)
+        if average is not None:
+            if ckpt.get("average") is None:
+                log.warning("%s holds no weight average: starting it from its weights", where)
+                average.restart()
+            else:
+                average.load_state_dict(ckpt["average"], where)
         log.info("resuming %s of run %s from %s (epoch %d done)", fusion, run, where, epoch)
         return TrainState(
             epoch=int(ckpt["epoch"]),

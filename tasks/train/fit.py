@@ -41,6 +41,7 @@ from tasks.io import records
 from tasks.io.layout import Layout
 from tasks.io.storage import Storage
 from tasks.refs import FeatureRef, TrainedRef
+from tasks.train.average import WeightAverage, decay_for, steps_per_epoch
 from tasks.train.checkpoint import (
     TrainState,
     load_model,
@@ -64,7 +65,8 @@ __all__ = [
     "LOSSES_COLUMNS",
     "epoch_record",
     "fit",
-    "load_model",  # re-exported for tasks.evaluate.inference; its home is tasks.train.checkpoint
+    "load_model",
+    "make_average",  # re-exported for tasks.evaluate.inference; its home is tasks.train.checkpoint
     "log_epoch",
     "make_datasets",
     "make_guard",
@@ -120,7 +122,11 @@ def fit(
     model = model.to(device)
     optimizer = make_optimizer(model, tcfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    state = resume(store, layout, cfg.model, fusion, run, model, optimizer, scaler, generator)
+    average = make_average(model, tcfg, len(train_data))
+    chosen = model if average is None else average.module  # what is validated, selected, saved
+    state = resume(
+        store, layout, cfg.model, fusion, run, model, optimizer, scaler, generator, average
+    )
     guard = make_guard(cfg, model, state, read_memory)
     state.batch_size = guard.initial
     if state.epoch:
@@ -140,7 +146,8 @@ def fit(
         f"emotion heads over {', '.join(objective.emotions)}"
         if objective.n_emotions
         else "no emotion labels (contrastive consistency)",
-        f", selecting on validation {tcfg.select_on}",
+        f", selecting on validation {tcfg.select_on}"
+        + (f" of a weight average over {tcfg.average_epochs:g} epochs" if average else ""),
         f", resumed after epoch {state.epoch}" if state.epoch else "",
     )
 
@@ -170,9 +177,10 @@ def fit(
             step=state.step,
             amp=amp,
             n_train=len(train_data),
+            average=average,
         )
         val, preds = evaluate(
-            model,
+            chosen,
             progress.track(val_data, len(val_data), f"{fusion} validation {epoch}"),
             device,
             objective,
@@ -202,6 +210,7 @@ def fit(
             improved,
             emotions=objective.emotions if objective.n_emotions else (),
             generator=generator,
+            average=average,
         )
         log_epoch(record, tcfg.epochs, best=improved)
         report(epoch, tcfg.epochs)
@@ -234,6 +243,15 @@ def _no_report(done: int, epochs: int) -> None:
 def fusion_seed(seed: int, fusion: str) -> int:
     """Each fusion's own seed, derived from `run.seed`: independent streams, reproducible."""
     return seed * 1009 + FUSIONS.index(fusion) + 1
+
+
+def make_average(model: nn.Module, tcfg: TrainingConfig, n_train: int) -> WeightAverage | None:
+    """The weight average of `training.average_epochs` (None: off), its per-step decay set from
+    the steps an epoch of `n_train` samples takes at the configured batch size."""
+    if tcfg.average_epochs is None:
+        return None
+    steps = steps_per_epoch(n_train, tcfg.batch_size)
+    return WeightAverage(model, decay_for(tcfg.average_epochs, steps))
 
 
 def make_optimizer(model: nn.Module, tcfg: TrainingConfig) -> torch.optim.Optimizer:
@@ -346,10 +364,12 @@ def save_epoch(
     *,
     emotions: Sequence[str] = (),
     generator: torch.Generator | None = None,
+    average: WeightAverage | None = None,
 ) -> None:
     """Save the epoch `state` just recorded: best model (with the operating point fitted on this
     epoch's validation predictions) and emotion vectors when it `improved`, then its checkpoint,
-    then the logs (the order the module docstring gives)."""
+    then the logs (the order the module docstring gives). With a weight `average`, the model
+    saved is the average (what was validated); the checkpoint holds both."""
     if improved:
         ecfg = cfg.evaluation
         point = fit_operating_point(
@@ -360,7 +380,7 @@ def save_epoch(
         save_model(
             store,
             layout.model(fusion, run),
-            model,
+            model if average is None else average.module,
             cfg,
             fusion,
             state.epoch,
@@ -369,7 +389,9 @@ def save_epoch(
             extra=extra,
         )
         save_emotion_vectors(store, layout.emotion_vectors(fusion, run), preds, state.epoch)
-    save_checkpoint(store, layout, cfg, fusion, run, model, optimizer, scaler, state, generator)
+    save_checkpoint(
+        store, layout, cfg, fusion, run, model, optimizer, scaler, state, generator, average
+    )
     write_logs(store, layout, fusion, run, state)
 
 

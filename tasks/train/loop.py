@@ -27,6 +27,7 @@ from config.schema import TrainingConfig
 from tasks.data.shards import batches
 from tasks.errors import DataError
 from tasks.evaluate.inference import Predictions, collect, infer
+from tasks.train.average import WeightAverage
 from tasks.train.memory import MemoryGuard
 from tasks.train.objective import Objective
 
@@ -145,9 +146,11 @@ def train_one_epoch(
     step: int = 0,
     amp: bool = False,
     n_train: int | None = None,
+    average: WeightAverage | None = None,
 ) -> EpochResult:
     """Train over `samples` once, in batches whose size the guard picks before each batch; the
-    learning rate follows `learning_rate` over the run (`n_train`: samples per epoch)."""
+    learning rate follows `learning_rate` over the run (`n_train`: samples per epoch); the
+    weight `average`, if any, is updated after every step."""
     model.train()
     started = time.perf_counter()
     totals = np.zeros(5)  # bce x n, consistency x n, emotion x n, loss x n, correct
@@ -187,6 +190,8 @@ def train_one_epoch(
                 continue
             step += 1
             n_seen += n
+            if average is not None:
+                average.update()
             totals += (bce * n, cons * n, emo * n, loss * n, correct)
             window.add(n, bce, cons, loss)
             if step % tcfg.log_every == 0 or event is not None:
