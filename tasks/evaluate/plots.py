@@ -1,4 +1,5 @@
-"""The 19 plots of a run (the evaluation step draws them all), as `matplotlib.figure.Figure`s.
+"""The 19 plots of a run (the evaluation step draws them all), as `matplotlib.figure.Figure`s,
+and the run-history trend (`plot_run_history`, drawn when the report is published).
 
 No pyplot state: every figure is built on its own Agg canvas, so drawing is thread-safe and
 leaves nothing behind. Each has a title, labelled axes and a legend where it draws more than one
@@ -620,6 +621,63 @@ def plot_batch_throughput(steps: Mapping[str, Records]) -> Figure:
     )
     bottom.set_ylim(bottom=0)
     fig.suptitle("Batch size and throughput during training")
+    return fig
+
+
+# --- run history (the runs' metrics.json, tasks/runs/trend.py) ------------------------------
+
+
+MAX_RUN_TICKS = 12  # run ids labelled on the trend's x axis (the newest always); others unlabelled
+
+
+def plot_run_history(
+    runs: Sequence[str],
+    auc: Mapping[str, Sequence[float | None]],
+    eer: Mapping[str, Sequence[float | None]],
+    other_split: Sequence[bool] | None = None,
+) -> Figure:
+    """Test ROC-AUC (top) and EER (bottom) of each fusion over the runs (oldest first), one
+    line per fusion in each; None where a run did not train the fusion (a gap). Runs evaluated
+    on another test split than the last one are shaded: their scores are not comparable."""
+    n = len(runs)
+    for name, series in (("auc", auc), ("eer", eer)):
+        for fusion, values in series.items():
+            if len(values) != n:
+                raise ValueError(f"{name} of {fusion}: {len(values)} values for {n} runs")
+    shaded = list(other_split or [False] * n)
+    if len(shaded) != n:
+        raise ValueError(f"other_split: {len(shaded)} values for {n} runs")
+    fig = new_figure(10, 6.5)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    x = np.arange(n)
+    spans = np.flatnonzero(shaded)
+    for ax, series, ylabel in (
+        (top, auc, "test ROC-AUC (higher is better)"),
+        (bottom, eer, "test EER (lower is better)"),
+    ):
+        for fusion, values in series.items():
+            y = np.array([np.nan if v is None else v for v in values], dtype=float)
+            ax.plot(x, y, marker="o", color=colour(fusion), label=fusion)
+        for i in spans:
+            ax.axvspan(
+                i - 0.5,
+                i + 0.5,
+                color="#bbbbbb",
+                alpha=0.4,
+                lw=0,
+                label="other test split" if i == spans[0] else None,
+            )
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        _legend(ax, title="fusion", fontsize="small", loc="best")
+    top.set_title(f"Test ROC-AUC per run (last {n} run{'s' if n != 1 else ''})")
+    bottom.set_title("Test EER per run")
+    step = max(1, math.ceil(n / MAX_RUN_TICKS))
+    bottom.set_xticks(x, [r if (n - 1 - i) % step == 0 else "" for i, r in enumerate(runs)])
+    bottom.tick_params(axis="x", labelrotation=30, labelsize="small")
+    bottom.set_xlabel("run (oldest to newest)")
+    bottom.set_xlim(-0.5, n - 0.5)
+    fig.suptitle("Run history: test metrics of each fusion")
     return fig
 
 

@@ -17,6 +17,7 @@ from tasks.refs import FeatureRef, ManifestRef, TrainedRef
 
 if TYPE_CHECKING:
     from tasks.runs.champions import ChampionDecision
+    from tasks.runs.trend import RunHistory
 
 MAX_SKIPPED_ROWS = 500  # skipped files listed in the page; the rest are counted
 Link = tuple[str, str]  # (URI shown, href: `Storage.link`, a URL or path without credentials)
@@ -172,11 +173,7 @@ def _operating_point_section(doc: Mapping[str, Any]) -> str:
 
 
 def _plots_section(plots: Mapping[str, bytes]) -> str:
-    figures = [
-        f'<figure id="plot-{_e(name)}"><img alt="{_e(name)}" src="data:image/png;base64,'
-        f'{base64.b64encode(png).decode("ascii")}"><figcaption>{_e(name)}.png</figcaption></figure>'
-        for name, png in plots.items()
-    ]
+    figures = [_img(name, png, f"{name}.png") for name, png in plots.items()]
     return f"<h2>Plots ({len(plots)})</h2>\n" + "\n".join(figures)
 
 
@@ -217,8 +214,10 @@ def _data_section(manifest: ManifestRef | None, features: FeatureRef) -> str:
         f"{_e(features.prefix)} ({cache}).</p>",
         _table(["split", "real", "fake", "total"], rows),
     ]
-    skipped = [("listing", s) for s in (manifest.skipped if manifest else [])]
-    skipped += [("preprocessing", s) for s in features.skipped]
+    listed = list(manifest.skipped if manifest else [])
+    skipped = [("listing", s) for s in listed]
+    # the feature build's list holds the manifest's skips too: each file once
+    skipped += [("preprocessing", s) for s in features.skipped if s not in listed]
     parts.append(f"<h3>Skipped files ({len(skipped)})</h3>")
     if skipped:
         shown = skipped[:MAX_SKIPPED_ROWS]
@@ -233,6 +232,40 @@ def _data_section(manifest: ManifestRef | None, features: FeatureRef) -> str:
             parts.append(f"<p>… and {len(skipped) - len(shown)} more{where}.</p>")
     else:
         parts.append('<p class="muted">No file was skipped.</p>')
+    return "\n".join(parts)
+
+
+def _img(name: str, png: bytes, caption: str) -> str:
+    return (
+        f'<figure id="plot-{_e(name)}"><img alt="{_e(name)}" src="data:image/png;base64,'
+        f'{base64.b64encode(png).decode("ascii")}"><figcaption>{_e(caption)}</figcaption></figure>'
+    )
+
+
+def _history_section(history: RunHistory, png: bytes | None) -> str:
+    """Each fusion's test ROC-AUC and EER over the last runs, newest first, and the trend."""
+    from tasks.runs.trend import table_rows  # the one definition of the history's columns
+
+    rows = table_rows(history)
+    header = list(rows[0]) if rows else ["run"]
+    body = [["" if row[h] is None else row[h] for h in header] for row in reversed(rows)]
+    other = sum(1 for p in history.runs if p.same_split is False)
+    n = len(history.runs)
+    parts = [
+        f'<section id="run-history"><h2>Run history ({n} run{"s" if n != 1 else ""})</h2>',
+        f'<p class="muted">The newest {history.limit} evaluated runs at most, up to this one, '
+        "newest first. Test split: same or other than this run's (the set of test pairs); "
+        "scores measured on another split are not comparable."
+        + (f" Runs evaluated on another test split: {other}." if other else "")
+        + "</p>",
+        _table(header, body),
+    ]
+    if png is not None:
+        parts.append(_img("run-history", png, "run-history.png"))
+    if history.left_out:
+        items = "".join(f"<li>{_e(line)}</li>" for line in history.left_out)
+        parts.append(f"<p>Left out (metrics unreadable):</p><ul>{items}</ul>")
+    parts.append("</section>")
     return "\n".join(parts)
 
 
@@ -253,10 +286,13 @@ def render_report(
     metrics_link: Link,
     generated_at: str,
     champions: Sequence[ChampionDecision] | None = None,
+    history: RunHistory | None = None,
+    history_png: bytes | None = None,
 ) -> str:
     """The report page. `doc` is the run's metrics.json, `plots` PNG bytes by name, `settings`
     the run's configuration; links are (URI, href) pairs, href a credential-free URL or a path;
-    `champions` the run's champion decisions (None: the run has none, no section)."""
+    `champions` the run's champion decisions (None: the run has none, no section); `history`
+    the last runs' test metrics and `history_png` their trend (None: no run-history section)."""
     body = "\n".join(
         [
             f"<h1>Deepfake detector evaluation: run {_e(run)}</h1>",
@@ -266,6 +302,7 @@ def render_report(
             f"<p>Metrics as JSON: {_link(metrics_link)}</p>",
             _metrics_section(doc),
             _plots_section(plots),
+            "" if history is None else _history_section(history, history_png),
             _models_section(trained, model_links),
             _data_section(manifest, features),
             "<h2>Settings</h2>",

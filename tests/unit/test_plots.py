@@ -102,3 +102,39 @@ def test_render_png_is_deterministic() -> None:
     first = plots.render_png(plots.plot_metric_comparison(inputs.metrics))
     second = plots.render_png(plots.plot_metric_comparison(inputs.metrics))
     assert first == second
+
+
+def run_history_inputs(n: int) -> tuple[list[str], dict, dict]:
+    runs = [f"202611{d:02d}T020000Z" for d in range(1, n + 1)]
+    auc = {f: [0.8 + 0.004 * i + o for i in range(n)] for f, o in (("early", 0), ("mid", 0.05))}
+    auc["late"] = [None, *(0.9 + 0.002 * i for i in range(1, n))]  # late missing in the first run
+    eer = {f: [0.3 - v for v in values if v is not None] for f, values in auc.items()}
+    eer["late"] = [None, *eer["late"]]
+    return runs, auc, eer
+
+
+def test_run_history_plot_draws_one_line_per_fusion_and_shades_other_splits() -> None:
+    runs, auc, eer = run_history_inputs(30)
+    other = [i < 3 for i in range(30)]
+    fig = plots.plot_run_history(runs, auc, eer, other_split=other)
+    top, bottom = fig.axes
+    for ax in (top, bottom):
+        lines = ax.get_lines()
+        assert [line.get_label() for line in lines] == ["early", "mid", "late"]
+        assert [line.get_color() for line in lines] == [plots.colour(f) for f in auc]
+        assert all(len(line.get_xdata()) == 30 for line in lines)
+        assert ax.get_ylabel() and ax.get_legend() is not None
+        assert "other test split" in ax.get_legend_handles_labels()[1]
+        assert len(ax.patches) == 3  # one shaded span per run on another split
+    assert "ROC-AUC" in top.get_title() and "EER" in bottom.get_title()
+    labels = [t.get_text() for t in bottom.get_xticklabels()]
+    assert labels[-1] == runs[-1] and 0 < sum(1 for t in labels if t) <= plots.MAX_RUN_TICKS
+    assert_readable(plots.render_png(fig), "run-history")
+
+
+def test_run_history_plot_of_one_run_and_bad_lengths() -> None:
+    fig = plots.plot_run_history(["r1"], {"mid": [0.9]}, {"mid": [0.1]})
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["mid"]
+    assert decode(plots.render_png(fig)).shape[2] == 3
+    with pytest.raises(ValueError, match="auc of mid: 2 values for 1 runs"):
+        plots.plot_run_history(["r1"], {"mid": [0.9, 0.8]}, {"mid": [0.1]})

@@ -11,6 +11,7 @@ from tasks.evaluate import plots, publish
 from tasks.evaluate.calibration import OperatingPoint
 from tasks.evaluate.report import render_report
 from tasks.runs.champions import ChampionDecision
+from tasks.runs.trend import RunHistory, RunPoint
 from tests.unit import eval_inputs
 
 RUN = "20260101T000000Z"
@@ -31,9 +32,15 @@ def make_report(
     families: bool = True,
     manifest: bool = True,
     champions: list[ChampionDecision] | None = None,
+    history: RunHistory | None = None,
+    history_png: bytes | None = None,
+    skipped_twice: bool = False,
 ) -> tuple[str, dict[str, bytes]]:
     cfg = PipelineConfig()
     features, trained, manifest_ref = eval_inputs.refs(RUN)
+    if skipped_twice:  # as the feature build lists them: the manifest's skips, then its own
+        skipped = [*manifest_ref.skipped, *features.skipped]
+        features = features.model_copy(update={"skipped": skipped})
     preds = {f: eval_inputs.predictions(f, families=families) for f in eval_inputs.FUSIONS}
     doc = publish.metrics_document(RUN, cfg.evaluation, features, trained, preds)
     inputs = eval_inputs.plot_inputs()
@@ -56,6 +63,8 @@ def make_report(
         metrics_link=("s3://bkt/outputs/reports/r/metrics.json", "/local/metrics.json"),
         generated_at="2026-01-01 00:00:00 UTC",
         champions=champions,
+        history=history,
+        history_png=history_png,
     )
     return page, pngs
 
@@ -169,3 +178,42 @@ def test_report_shows_the_fitted_threshold_beside_the_fixed_one() -> None:
     assert f"<td>{fixed['f1']:.4f}</td><td>{at['f1']:.4f}</td></tr>" in section
     (tn, fp), (fn, tp) = at["confusion"]
     assert "<td>TP</td>" in section and f"<td>{tp}</td></tr>" in section
+
+
+def test_a_skipped_file_in_both_lists_is_counted_once() -> None:
+    page, _ = make_report(skipped_twice=True)
+    assert "Skipped files (2)" in page
+    assert page.count("dataset/images/real/x.gif") == 1
+
+
+def history(*, left_out: list[str] | None = None) -> RunHistory:
+    def point(run: str, auc: float, same: bool | None, current: bool = False) -> RunPoint:
+        metrics = {f: {"roc_auc": auc, "eer": 1 - auc} for f in ("early", "mid")}
+        return RunPoint(run=run, metrics=metrics, same_split=same, current=current)
+
+    runs = [point("R1", 0.81, False), point("R2", 0.82, None), point(RUN, 0.9, True, True)]
+    return RunHistory(limit=30, runs=runs, left_out=left_out or [])
+
+
+def test_run_history_section_newest_first_with_the_trend_embedded() -> None:
+    png = plots.render_png(plots.plot_run_history(["R1"], {"mid": [0.9]}, {"mid": [0.1]}))
+    page, pngs = make_report(history=history(left_out=["R0: <bad> json"]), history_png=png)
+    start = page.index('<section id="run-history"><h2>Run history (3 runs)</h2>')
+    section = page[start : page.index("</section>", start)]
+    assert page.index("<h2>Plots") < start < page.index("<h2>Models</h2>")
+    header = "<th>run</th><th>test split</th><th>early ROC-AUC</th><th>early EER</th>"
+    assert header in section
+    assert (
+        section.index(f"<td>{RUN}</td><td>this run</td><td>0.9000</td><td>0.1000</td>")
+        < (section.index("<td>R2</td><td>unknown</td><td>0.8200</td>"))
+        < section.index("<td>R1</td><td>other</td><td>0.8100</td>")
+    )  # newest first
+    assert "Runs evaluated on another test split: 1." in section
+    assert "<li>R0: &lt;bad&gt; json</li>" in section
+    parser = Tags()
+    parser.feed(page)
+    images = [attrs for tag, attrs in parser.tags if tag == "img"]
+    assert len(images) == len(pngs) + 1
+    assert images[-1]["alt"] == "run-history"
+    assert base64.b64decode((images[-1]["src"] or "").split(",", 1)[1]) == png
+    assert "run-history" not in make_report()[0]  # no history given: no section
