@@ -6,10 +6,11 @@
                 outputs/reports/<run>/predictions.csv  every test pair's calibrated score and
                                                      decision per fusion (`predictions_csv`)
                 outputs/plots/<run>/<name>.png       the 19 plots (plots.plot_names)
-    write_report(cfg, store, layout, evaluation, features, trained, manifest, decisions) -> key
+    write_report(cfg, store, layout, evaluation, features, trained, manifest, decisions,
+                 history) -> key
         writes  outputs/reports/<run>/report.html    the self-contained report, rendered once from
-                                                     metrics.json, the plots and the champion
-                                                     decisions (when the run has them)
+                                                     metrics.json, the plots, the champion
+                                                     decisions and the run history (when given)
     score_model(store, storage_cfg, model_key, features, device) -> Predictions
         one model file scored on the test split (the evaluation, and champion re-scoring)
     operating_point(store, model_key, metadata, ev) -> OperatingPoint
@@ -61,6 +62,7 @@ from tasks.refs import EvaluationRef, FeatureRef, ManifestRef, TrainedRef
 
 if TYPE_CHECKING:
     from tasks.runs.champions import ChampionDecision
+    from tasks.runs.trend import RunHistory
 
 log = logging.getLogger(__name__)
 
@@ -491,9 +493,11 @@ def write_report(
     trained: Sequence[TrainedRef],
     manifest: ManifestRef | None,
     decisions: Sequence[ChampionDecision] | None,
+    history: RunHistory | None = None,
 ) -> str:
-    """Render report.html once, from the run's metrics.json, its plots and its champion decisions
-    (None: the run has none); returns the report's key."""
+    """Render report.html once, from the run's metrics.json, its plots, its champion decisions
+    (None: the run has none) and its run history (tasks/runs/trend.py, its trend plot already
+    written; None: no such section); returns the report's key."""
     run = evaluation.run
     doc = records.read_json(store, evaluation.metrics_key)
     pngs = {
@@ -512,6 +516,8 @@ def write_report(
         metrics_link=(store.uri(evaluation.metrics_key), store.link(evaluation.metrics_key)),
         generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         champions=decisions,
+        history=history,
+        history_png=store.read_bytes(history.plot_key) if history and history.plot_key else None,
     )
     key = layout.report(run)
     store.write_bytes(key, html.encode("utf-8"), "text/html; charset=utf-8")
