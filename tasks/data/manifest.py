@@ -19,6 +19,11 @@ Pairing:
 
 Splits come from a SHA-256 of a key, never from a position in a list, so adding files later
 never moves an existing pair (or, without pairs.csv, an existing file) to another split.
+
+Cost: the listing's pages (S3: 1,000 keys each, one request at a time) are consumed as they
+come; sizes and ETags come with them, so no object is read or HEADed except pairs.csv. What is
+kept grows linearly, about 600 bytes per listed object (its entry, its key and ETag for the data
+hash, its rows in the two tables): tests/unit/test_manifest_load.py, benchmarks/bench_manifest.py.
 """
 
 from __future__ import annotations
@@ -302,10 +307,12 @@ def pairs_at_random(
     shorter side; a file's split is the stable hash of its own key."""
     rows: list[PairRow] = []
     skipped: list[dict[str, str]] = []
+    audio_groups = _by_label_and_split(listing.audio, val_fraction, test_fraction)
+    image_groups = _by_label_and_split(listing.images, val_fraction, test_fraction)
     for label in (REAL, FAKE):
         for split in SPLITS:
-            group_a = _seeded_order(listing.audio, label, split, seed, val_fraction, test_fraction)
-            group_i = _seeded_order(listing.images, label, split, seed, val_fraction, test_fraction)
+            group_a = _seeded_order(audio_groups.get((label, split), []), seed)
+            group_i = _seeded_order(image_groups.get((label, split), []), seed)
             if not group_a or not group_i:
                 lonely, other = (group_a, "image") if group_a else (group_i, "audio")
                 for e in lonely:
@@ -339,19 +346,17 @@ def pairs_at_random(
     return rows, skipped
 
 
-def _seeded_order(
-    entries: Sequence[FileEntry],
-    label: int,
-    split: str,
-    seed: int,
-    val_fraction: float,
-    test_fraction: float,
-) -> list[FileEntry]:
-    group = [
-        e
-        for e in entries
-        if e.label == label and split_of(e.key, val_fraction, test_fraction) == split
-    ]
+def _by_label_and_split(
+    entries: Iterable[FileEntry], val_fraction: float, test_fraction: float
+) -> dict[tuple[int, str], list[FileEntry]]:
+    """(label, split) -> the entries in it, in listing order; one hash per file."""
+    groups: dict[tuple[int, str], list[FileEntry]] = {}
+    for e in entries:
+        groups.setdefault((e.label, split_of(e.key, val_fraction, test_fraction)), []).append(e)
+    return groups
+
+
+def _seeded_order(group: Sequence[FileEntry], seed: int) -> list[FileEntry]:
     return sorted(group, key=lambda e: hashlib.sha256(f"{seed}:{e.key}".encode()).digest())
 
 
