@@ -16,12 +16,12 @@ from flows import artifacts
 from tasks.data import features as preprocess
 from tasks.data import manifest as manifests
 from tasks.data import synthetic as make_dataset
-from tasks.errors import is_transient_error
+from tasks.errors import DataError, ObjectNotFound, is_transient_error
 from tasks.evaluate import publish
 from tasks.io import storage
 from tasks.io.layout import Layout
 from tasks.refs import EvaluationRef, FeatureRef, FoldersRef, ManifestRef, TrainedRef
-from tasks.runs import champions, history, ids
+from tasks.runs import champions, history, ids, trend
 from tasks.train import fit as training
 
 
@@ -152,15 +152,44 @@ def publish_report(
     manifest: ManifestRef | None,
     decisions: list[champions.ChampionDecision] | None,
 ) -> str:
-    """Render report.html once (metrics, plots, champion decisions); create the artifacts."""
+    """Render report.html once (metrics, plots, champion decisions, run history); create the
+    artifacts (the story, the tables, the key plots, the run history)."""
     store = storage.open_storage(cfg.storage)
     layout = Layout.from_config(cfg.storage)
-    key = publish.write_report(
-        cfg, store, layout, evaluation, features, trained, manifest, decisions
+    logger = get_run_logger()
+    runs = run_history(store, layout, evaluation, features, manifest)
+    logger.info(
+        "run history: %d runs (%s)%s",
+        len(runs.runs),
+        store.uri(runs.plot_key or ""),
+        f", {len(runs.left_out)} left out" if runs.left_out else "",
     )
-    keys = artifacts.publish_artifacts(store, evaluation, trained)
-    get_run_logger().info("report %s; artifacts %s", store.uri(key), ", ".join(keys))
+    key = publish.write_report(
+        cfg, store, layout, evaluation, features, trained, manifest, decisions, history=runs
+    )
+    keys = artifacts.publish_artifacts(
+        store, evaluation, trained, decisions, manifest=manifest, features=features, history=runs
+    )
+    logger.info("report %s; artifacts %s", store.uri(key), ", ".join(keys))
     return key
+
+
+def run_history(
+    store: storage.Storage,
+    layout: Layout,
+    evaluation: EvaluationRef,
+    features: FeatureRef,
+    manifest: ManifestRef | None,
+) -> trend.RunHistory:
+    """The last runs' test metrics (this run's included) and their trend plot, written."""
+    split = None
+    if manifest is not None:
+        try:
+            split = history.split_hash_of_test(store, manifest)
+        except (ObjectNotFound, DataError, ValueError) as exc:  # no split: runs unmarked
+            get_run_logger().warning("%s: test split unknown (%s)", manifest.uri, exc)
+    runs = trend.read_history(store, layout, evaluation, features, split)
+    return trend.write_plot(store, layout, runs)
 
 
 @task(name="load-champion-decisions", **IO_RETRIES)

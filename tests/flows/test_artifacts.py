@@ -16,7 +16,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.runtime import flow_run
 
 from config.schema import PipelineConfig, StorageConfig
-from flows import artifacts
+from flows import artifacts, steps
 from tasks.evaluate import publish
 from tasks.evaluate.calibration import OperatingPoint
 from tasks.evaluate.metrics import METRIC_NAMES, calculate_metrics
@@ -25,6 +25,7 @@ from tasks.io import records
 from tasks.io.layout import Layout
 from tasks.io.storage import open_storage
 from tasks.refs import EvaluationRef
+from tasks.runs.champions import ChampionDecision
 from tests.unit import eval_inputs
 
 RUN = "20260101T000000Z"
@@ -64,10 +65,42 @@ def write_metrics(storage: StorageConfig) -> dict:
     return doc
 
 
+EARLIER, CORRUPT = "20251231T000000Z", "20251230T000000Z"
+
+
+def write_earlier_runs(storage: StorageConfig) -> None:
+    """An earlier run's metrics.json (early and mid only) and a corrupt one before it."""
+    store = open_storage(storage)
+    doc = {
+        "feature_hash": "abc123",  # the current run's features: the same test split
+        "fusions": {f: {"metrics": {"roc_auc": 0.75, "eer": 0.25}} for f in ("early", "mid")},
+    }
+    records.write_json(store, Layout().metrics(EARLIER), doc)
+    store.write_bytes(Layout().metrics(CORRUPT), b'{"fusions": ')
+
+
+DECISIONS = [
+    ChampionDecision(fusion="early", promoted=True, reason="r", new_run=RUN, new_auc=0.9),
+    ChampionDecision(fusion="mid", promoted=False, reason="r", new_run=RUN, new_auc=0.8,
+                     champion_run=EARLIER, champion_auc=0.85),
+]  # fmt: skip
+
+
 @flow(name="artifact-test")
-def publish_flow(storage: StorageConfig, ref: EvaluationRef) -> tuple[list[str], str]:
-    _, trained, _ = eval_inputs.refs(RUN)
-    keys = artifacts.publish_artifacts(open_storage(storage), ref, trained)
+def publish_flow(
+    storage: StorageConfig, ref: EvaluationRef, story: bool = False
+) -> tuple[list[str], str]:
+    """The artifacts as publish-report makes them; `story`: with the run's decisions, skipped
+    files and run history (read from the bucket by the step's own helper)."""
+    features, trained, manifest = eval_inputs.refs(RUN)
+    store = open_storage(storage)
+    if not story:
+        keys = artifacts.publish_artifacts(store, ref, trained)
+    else:
+        runs = steps.run_history(store, Layout(), ref, features, manifest)
+        keys = artifacts.publish_artifacts(
+            store, ref, trained, DECISIONS, manifest=manifest, features=features, history=runs
+        )
     return keys, str(flow_run.id)
 
 
@@ -86,7 +119,8 @@ def test_artifacts_have_ui_keys_and_credential_free_links_on_s3(
     storage = StorageConfig(uri=f"s3://{s3_bucket}", endpoint_url=s3_server.endpoint_url)
     ref = evaluation_ref()
     doc = write_metrics(storage)
-    keys, run_id = publish_flow(storage, ref)
+    write_earlier_runs(storage)
+    keys, run_id = publish_flow(storage, ref, story=True)
     expected = [
         "evaluation-summary",
         "evaluation-metrics",
@@ -95,6 +129,8 @@ def test_artifacts_have_ui_keys_and_credential_free_links_on_s3(
         "plot-metric-comparison",
         "plot-reliability",
         "plot-score-histograms",
+        "run-history",
+        "plot-run-history",
     ]
     assert keys == expected
     found = read_back(run_id)
@@ -105,13 +141,28 @@ def test_artifacts_have_ui_keys_and_credential_free_links_on_s3(
     summary = found["evaluation-summary"]
     assert summary.type == "markdown"
     text = str(summary.data)
-    assert f"# Evaluation of run {RUN}" in text
+    assert text.startswith(f"# Evaluation of run {RUN}\n")
+    # the story first: winner and margin, champion decisions with both scores, skipped files
+    ranked = sorted(ref.metrics, key=lambda f: -ref.metrics[f]["roc_auc"])
+    best, runner = ref.metrics[ranked[0]]["roc_auc"], ref.metrics[ranked[1]]["roc_auc"]
+    story = text[: text.index("| fusion |")]
+    assert f"**{ranked[0]}** wins: test ROC-AUC {best:.4f}, " in story
+    assert f"ahead of {ranked[1]} ({runner:.4f})." in story
+    assert "- **early**: promoted, first champion: test ROC-AUC 0.9000 (this run)" in story
+    assert (
+        f"- **mid**: champion kept: test ROC-AUC 0.8000 (this run) vs 0.8500 (champion run "
+        f"{EARLIER}, same test split)" in story
+    )
+    assert "**Skipped files: 2**" in story
+    assert "- `dataset/images/real/x.gif`: not an image" in story
+    assert "**Run history:** 2 runs (table artifact `run-history`" in text
+    assert "1 left out (unreadable metrics)" in text
     for fusion in eval_inputs.FUSIONS:
         assert f"| {fusion} | {ref.metrics[fusion]['roc_auc']:.4f} |" in text
     # links to the report, metrics, all 19 plots and the models, none presigned (no credentials)
     base = f"{s3_server.endpoint_url}/{s3_bucket}/outputs"
     assert f"[report.html]({base}/reports/{RUN}/report.html)" in text
-    assert text.count(f"]({base}/") == 1 + 1 + 19 + 3
+    assert text.count(f"]({base}/") == 1 + 1 + 19 + 3 + 1  # and the run-history plot
     assert "X-Amz-" not in text and "Signature=" not in text
     assert f"s3://{s3_bucket}/outputs/models/late/{RUN}/model.pt" in text
     # the fitted operating points, with the test metrics there and (in brackets) at the fixed one
@@ -139,6 +190,20 @@ def test_artifacts_have_ui_keys_and_credential_free_links_on_s3(
     assert str(image.data) == "data:image/png;base64," + base64.b64encode(png).decode()
     assert f"s3://{s3_bucket}/outputs/plots/{RUN}/roc-curves.png" in str(image.description)
     assert Artifact.get("plot-det-curves") is not None
+
+    # the run history: this run and the readable earlier one, oldest first; the corrupt left out
+    history = found["run-history"]
+    assert history.type == "table"
+    rows = json.loads(str(history.data))
+    assert [r["run"] for r in rows] == [EARLIER, RUN]
+    assert rows[0]["test split"] == "same" and rows[1]["test split"] == "this run"
+    assert rows[0]["mid ROC-AUC"] == 0.75 and rows[0]["late ROC-AUC"] is None
+    assert rows[1]["late EER"] == round(ref.metrics["late"]["eer"], 4)
+    trend_png = open_storage(storage).read_bytes(f"outputs/plots/{RUN}/run-history.png")
+    assert Image.open(io.BytesIO(trend_png)).format == "PNG"
+    assert str(found["plot-run-history"].data) == (
+        "data:image/png;base64," + base64.b64encode(trend_png).decode()
+    )
 
 
 def test_local_backend_links_are_paths(prefect_harness, tmp_path: Path) -> None:

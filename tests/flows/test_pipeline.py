@@ -1,6 +1,6 @@
 """The whole `train-all-fusions` recipe through Prefect on a tiny local demo, as `make run` runs it:
-every product lands in the bucket, the 19 plots decode and are not blank, and a second run on
-unchanged data with `run.skip_if_unchanged` stops after the manifest."""
+every product lands in the bucket, the 19 plots and the run-history trend decode and are not
+blank, and a second run on unchanged data with `run.skip_if_unchanged` stops after the manifest."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_make_run_equivalent_fills_every_output_then_skips_unchanged(tmp_path: P
     assert {line.split(",")[0] for line in losses[1:]} == {"early", "mid", "late"}
 
     pngs = sorted((out / "plots" / run).glob("*.png"))
-    assert len(pngs) == 19
+    assert len(pngs) == 20  # the 19 plots and the run-history trend
     digests = set()
     for png in pngs:
         data = png.read_bytes()
@@ -70,12 +70,13 @@ def test_make_run_equivalent_fills_every_output_then_skips_unchanged(tmp_path: P
         assert image.width >= 400 and image.height >= 300, png.name
         pixels = np.asarray(image.convert("L"), dtype=np.float32)
         assert pixels.std() > 5, f"{png.name} looks blank"
-    assert len(digests) == 19  # 19 distinct pictures
+    assert len(digests) == 20  # 20 distinct pictures
 
     assert (bucket / layout.last_run()).is_file()
     assert not (out / "runs" / "in-progress.json").exists()
     report = (bucket / layout.report(run)).read_text()
     assert "Champions" in report and "first champion" in report
+    assert '<section id="run-history"><h2>Run history (1 run)</h2>' in report
 
     again = train_all_fusions(config_path=str(cfg_path))
     assert again.run != run
