@@ -104,9 +104,10 @@ STAGES: dict[str, Stage] = {
         objects=(
             (f"outputs/reports/{RUN}/report.html", 1),
             (f"outputs/reports/{RUN}/metrics.json", 1),
-            (f"outputs/plots/{RUN}/*.png", 19),
+            (f"outputs/plots/{RUN}/*.png", 20),  # the 19 plots and the run-history trend
         ),
-        artifacts=("evaluation-metrics", "evaluation-summary"),
+        artifacts=("evaluation-metrics", "evaluation-summary", "run-history", "plot-run-history"),
+        report=('<section id="run-history">',),
     ),
     "champion": Stage(
         tasks=("start-run", "promote-champions", "finish-run"),
