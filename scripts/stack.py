@@ -9,9 +9,12 @@
      `weed server -s3` (data under <dir>/seaweedfs, 127.0.0.1, telemetry off), side by side;
   2. waits for both to answer, creates the bucket, loads the generated benchmark into it
      (`python -m tasks.data.synthetic`) unless dataset/ already holds objects;
-  3. `prefect work-pool create <pool> --type process --overwrite`;
-  4. `prefect worker start --pool <pool>` (one or more), waits until they are online;
-  5. `prefect --no-prompt deploy --all` from the repository root.
+  3. creates (or updates) the zombie automation (deployments/zombie_automation.py): a flow run
+     whose heartbeats stop for `zombie_after_s` (its worker or machine died) is marked Crashed;
+     every stack process beats every `heartbeat_s` (PREFECT_FLOWS_HEARTBEAT_FREQUENCY);
+  4. `prefect work-pool create <pool> --type process --overwrite`;
+  5. `prefect worker start --pool <pool>` (one or more), waits until they are online;
+  6. `prefect --no-prompt deploy --all` from the repository root.
 Every pid is written to <dir>/stack.json as soon as it exists; `down` stops exactly those process
 groups (SIGTERM, then SIGKILL after a grace period), after checking that each pid is still the
 process `up` started. A failed `up` stops whatever it had started.
@@ -109,6 +112,9 @@ class StackSettings:
     dataset_pairs: int | None = None  # pairs generated; None = generator.n_pairs; 0 = none
     deployments: tuple[str, ...] | None = None  # names for `prefect deploy -n`; None = --all
     scheduler: bool = True  # Prefect's scheduler service (off in tests: no 02:00 surprise)
+    heartbeat_s: int = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of every process (Prefect: >= 30)
+    zombie_after_s: float = 90  # no heartbeat for this long: the run is marked Crashed
+    server_env: tuple[tuple[str, str], ...] = ()  # more settings for `prefect server start`
     startup_timeout_s: float = 180.0  # per service: server, store, workers
     project_dir: Path = PROJECT_DIR
 
@@ -142,6 +148,8 @@ class StackState:
     dataset: str = "not loaded"  # what happened to dataset/: loaded N pairs / already there / ...
     deployments: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase of `up`
+    heartbeat_s: int | None = None  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the stack's processes
+    zombie_automation: str = "not created"  # what `up` did to it, and its window
 
     def client_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """Environment for prefect/aws clients and workers of this stack (base: os.environ)."""
@@ -161,6 +169,8 @@ class StackState:
             AWS_SECRET_ACCESS_KEY=self.secret_key,
             AWS_DEFAULT_REGION="us-east-1",
         )
+        if self.heartbeat_s is not None:  # workers pass it on to the flow runs they start
+            env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(self.heartbeat_s)
         return env
 
     def save(self) -> None:
@@ -207,6 +217,7 @@ def up(settings: StackSettings) -> StackState:
         access_key=STACK_ACCESS_KEY,
         secret_key=STACK_SECRET_KEY,
         weed_ports=asdict(settings.weed),
+        heartbeat_s=settings.heartbeat_s,
     )
     state.save()
     try:
@@ -225,7 +236,9 @@ def _start_services(settings: StackSettings, state: StackState) -> None:
     root = Path(state.root)
     env = state.client_env()
     server_env = dict(
-        env, PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED=str(settings.scheduler).lower()
+        env,
+        PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED=str(settings.scheduler).lower(),
+        **dict(settings.server_env),
     )
     started = time.monotonic()
     _spawn(
@@ -241,6 +254,10 @@ def _start_services(settings: StackSettings, state: StackState) -> None:
     mark = time.monotonic()
     state.dataset = load_dataset(settings, state, env)
     state.timings["dataset"] = round(time.monotonic() - mark, 1)
+
+    mark = time.monotonic()
+    state.zombie_automation = ensure_zombie_automation(state, settings.zombie_after_s)
+    state.timings["automation"] = round(time.monotonic() - mark, 1)
 
     mark = time.monotonic()
     run_cli(
@@ -562,6 +579,21 @@ def prefect_client(state: StackState) -> Any:
     return SyncPrefectClient(state.api_url)
 
 
+def ensure_zombie_automation(state: StackState, within_s: float) -> str:
+    """Create or update the automation that marks a flow run Crashed once its heartbeats stop
+    for `within_s` (deployments/zombie_automation.py; idempotent). Returns what was done."""
+    from deployments.zombie_automation import NAME, ensure
+
+    if state.heartbeat_s is not None and within_s < 2 * state.heartbeat_s:
+        raise StackError(
+            f"zombie window {within_s:g} s: needs at least two heartbeats "
+            f"({state.heartbeat_s} s each); a healthy run would be marked Crashed"
+        )
+    with prefect_client(state) as client:
+        automation_id, done = ensure(client, within_s)
+    return f"{NAME} ({automation_id}) {done}: Crashed after {within_s:g} s without a heartbeat"
+
+
 def wait_for_workers(state: StackState, timeout_s: float) -> None:
     """Until every worker the stack started shows as ONLINE on the pool."""
     with prefect_client(state) as client:
@@ -791,6 +823,7 @@ def _summary(state: StackState) -> str:
         f"Prefect UI   {state.ui_url}   (API {state.api_url})",
         f"S3 store     {state.s3_endpoint}   bucket s3://{state.bucket}   dataset: {state.dataset}",
         f"work pool    {state.pool}   workers: {', '.join(state.workers)}",
+        f"zombies      {state.zombie_automation}; heartbeat every {state.heartbeat_s} s",
         "deployments  " + "\n             ".join(state.deployments or ["(none)"]),
         f"started in   {state.timings.get('total', 0):.1f} s   "
         + ", ".join(f"{k} {v:.1f} s" for k, v in state.timings.items() if k != "total"),
@@ -846,6 +879,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="deploy only these (repeatable; default: prefect deploy --all)",
     )
     p_up.add_argument(
+        "--heartbeat",
+        type=int,
+        default=d.heartbeat_s,
+        help="seconds between flow-run heartbeats (default: %(default)s; at least 30)",
+    )
+    p_up.add_argument(
+        "--zombie-after",
+        type=float,
+        default=d.zombie_after_s,
+        help="seconds without a heartbeat before a run is marked Crashed (default: %(default)s)",
+    )
+    p_up.add_argument(
         "--no-scheduler",
         action="store_true",
         help="turn Prefect's scheduler off (the nightly schedule stays defined)",
@@ -875,6 +920,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dataset_pairs=args.dataset_pairs,
                 deployments=tuple(args.deploy) if args.deploy else None,
                 scheduler=not args.no_scheduler,
+                heartbeat_s=args.heartbeat,
+                zombie_after_s=args.zombie_after,
             )
             print(_summary(up(settings)))
         elif args.command == "down":
