@@ -45,7 +45,13 @@ class StorageConfig(Section):
     region: str | None = None  # AWS region; None = boto3's default chain
     dataset_prefix: str = "dataset/"  # where the raw audio and images live
     outputs_prefix: str = "outputs/"  # where every product of a run lands
-    max_attempts: PositiveInt = 8  # botocore adaptive-retry attempts per request
+    # Retries and timeouts of every S3 request (botocore's standard retry mode, whose backoff is
+    # bounded); `tasks.io.storage.worst_case_wait_s` adds them up with the steps' own retries.
+    max_attempts: PositiveInt = 3  # HTTP attempts per request, the first included
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0  # longest wait to open a connection
+    # Longest silence of the store within one attempt (before the reply, or mid-body): then the
+    # attempt is given up and retried.
+    read_timeout_s: Annotated[float, Field(gt=0)] = 15.0
     # HTTP connections kept per client; at least data.fetch_concurrency, or the GETs beyond it
     # open and drop a connection each time.
     max_pool_connections: PositiveInt = 64

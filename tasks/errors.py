@@ -7,7 +7,8 @@
     │   ├── ObjectNotFound       no object at that key
     │   ├── AccessDenied         credentials or IAM policy refuse the request
     │   ├── Throttled            the store kept saying "slow down" after our retries (transient)
-    │   └── StorageUnavailable   connection refused / timed out (transient)
+    │   └── StorageUnavailable   unreachable, silent, a body cut short, a 500, an upload
+    │                            refused for its checksum (transient)
     ├── CorruptSample            one input file cannot be decoded; skipped and reported
     ├── DataError                no usable data left (e.g. an empty class in a split)
     ├── CheckpointError          a model or checkpoint file is missing, foreign or unsafe
@@ -61,7 +62,9 @@ class Throttled(StorageError):
 
 
 class StorageUnavailable(StorageError):
-    """The store could not be reached (connection refused, timeout); worth retrying later."""
+    """The store could not be reached or failed the request after our retries: connection
+    refused or reset, silent past the timeouts, a reply's body cut short, an internal error
+    (500), an upload whose checksum no longer matched what arrived; worth retrying later."""
 
 
 class CorruptSample(DetectorError):

@@ -1,9 +1,21 @@
 """One storage interface, two backends picked by the URI.
 
-`s3://bucket[/prefix]` goes through boto3 (adaptive retries, streamed reads, multipart uploads,
+`s3://bucket[/prefix]` goes through boto3 (bounded retries, streamed reads, multipart uploads,
 paginated listing, any S3-compatible endpoint); a local path or `file://` URI is a folder standing
 in for the bucket (atomic writes, keys that escape the root refused). Keys are always relative to
 the storage root and use "/" separators, e.g. "dataset/audio/real/0001.wav".
+
+Faults of the store (docs/reliability.md, F rows):
+- Every request gets `storage.max_attempts` HTTP attempts (botocore's standard mode: 500, 503,
+  SlowDown, resets and timeouts retried with capped, jittered backoff); an attempt is given up after
+  `connect_timeout_s` to connect or `read_timeout_s` of silence.
+- A body that stalls or breaks after the headers (which botocore never retries) is read on from
+  where it broke (`Range`, `If-Match` the first reply's ETag, so two versions are never mixed),
+  within the same budget of attempts; a body shorter than its Content-Length is never returned.
+- Uploads carry a CRC32 checksum of the body (`x-amz-checksum-crc32`, or per part), so a store that
+  gets fewer bytes than were sent refuses the object instead of storing it short; S3's PutObject is
+  all or nothing, so the key keeps its previous version.
+- `worst_case_wait_s` is how long a persistent fault can hold a step before it fails.
 
 This module is the one place where botocore errors become `StorageError`s.
 """
@@ -14,10 +26,12 @@ import hashlib
 import io
 import logging
 import os
+import random
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -93,10 +107,48 @@ def open_storage(cfg: StorageConfig) -> Storage:
             endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or cfg.endpoint_url,
             region=cfg.region,
             max_attempts=cfg.max_attempts,
+            connect_timeout_s=cfg.connect_timeout_s,
+            read_timeout_s=cfg.read_timeout_s,
             max_pool_connections=cfg.max_pool_connections,
             multipart_threshold=cfg.multipart_threshold_mb << 20,
         )
     return LocalStorage(cfg.uri)
+
+
+# botocore's standard retry mode, as botocore 1.44 computes a delay (retries/standard.py): retry i
+# (1-based) waits rand() * min(BACKOFF_BASE_S * 2 ** (i - 1), BACKOFF_CAP_S), base 1 s for
+# throttling (0.05 s for other faults; the bound takes the larger), raised to a reply's
+# `x-amz-retry-after` but by at most RETRY_AFTER_EXTRA_S. The body re-reads use the same rule.
+BACKOFF_BASE_S = 1.0
+BACKOFF_CAP_S = 20.0
+RETRY_AFTER_EXTRA_S = 5.0
+
+
+def backoff_bound_s(retry: int) -> float:
+    """The longest wait before retry number `retry` (1-based) of one request."""
+    return min(BACKOFF_BASE_S * 2 ** (retry - 1), BACKOFF_CAP_S) + RETRY_AFTER_EXTRA_S
+
+
+def request_wait_s(cfg: StorageConfig) -> float:
+    """Longest one request (or one streamed read) can take to fail on a store that stays silent
+    or keeps refusing: every attempt given up after a connect timeout plus one read timeout of
+    silence, plus the longest backoff before each retry. A store that trickles a byte now and
+    then, each within the read timeout, is slow, not silent, and is not bounded by this."""
+    attempts = cfg.max_attempts
+    per_attempt = cfg.connect_timeout_s + cfg.read_timeout_s
+    return attempts * per_attempt + sum(backoff_bound_s(i) for i in range(1, attempts))
+
+
+def worst_case_wait_s(
+    cfg: StorageConfig, task_delays_s: Sequence[float] = (), multipart: bool = False
+) -> float:
+    """Longest a step can wait on a persistent storage fault before it fails: one failing
+    request per task attempt (the first failure ends the attempt), times the attempts the step
+    gets (1 + len(task_delays_s)), plus its retry delays (their upper bounds, jitter included).
+    A multipart upload that fails also sends AbortMultipartUpload, a second request under the
+    same fault: `multipart=True` counts it."""
+    per_task_attempt = request_wait_s(cfg) * (2 if multipart else 1)
+    return (1 + len(task_delays_s)) * per_task_attempt + sum(task_delays_s)
 
 
 def read(storage: Storage, key: str) -> io.BytesIO:
@@ -256,6 +308,8 @@ class LocalStorage:
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _NO_BUCKET = {"NoSuchBucket"}
 _DENIED = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+# The store failed, not the request: worth retrying later (botocore retries these too).
+_STORE_FAILED = {"InternalError", "500", "502", "504", "BadGateway", "GatewayTimeout"}
 _THROTTLED = {
     "SlowDown",
     "Throttling",
@@ -276,7 +330,9 @@ class S3Storage:
         uri: str,
         endpoint_url: str | None = None,
         region: str | None = None,
-        max_attempts: int = 8,
+        max_attempts: int = 3,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 15.0,
         max_pool_connections: int = 16,
         multipart_threshold: int = 64 << 20,
     ) -> None:
@@ -291,40 +347,71 @@ class S3Storage:
         self.endpoint_url = endpoint_url
         self.region = region
         self.max_attempts = max_attempts
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
         self.max_pool_connections = max_pool_connections
         self.multipart_threshold = multipart_threshold
         self._lock = threading.Lock()
         self._client: Any = None
+        self._once: Any = None
         self._pid = os.getpid()
 
     # One client per process: boto3 clients are thread-safe (creating them is not, hence the
     # lock) but must not cross a fork, so a forked child builds its own.
     @property
     def client(self) -> Any:
+        """The client every request goes through: `max_attempts` attempts per request."""
         if self._client is None or self._pid != os.getpid():
             with self._lock:
                 if self._client is None or self._pid != os.getpid():
-                    import boto3
-                    from botocore.config import Config
-
-                    self._client = boto3.session.Session().client(
-                        "s3",
-                        endpoint_url=self.endpoint_url,
-                        region_name=self.region,
-                        config=Config(
-                            retries={"max_attempts": self.max_attempts, "mode": "adaptive"},
-                            max_pool_connections=self.max_pool_connections,
-                            connect_timeout=10,
-                            read_timeout=60,
-                        ),
-                    )
+                    # A whole object's CRC32 is checked against the one stored with it.
+                    self._client = self._build(self.max_attempts, "when_supported")
+                    self._once = None
                     self._pid = os.getpid()
         return self._client
+
+    @property
+    def once(self) -> Any:
+        """A client making one attempt per request, for the body re-reads of `stream`, which
+        count their attempts themselves (so botocore's retries do not multiply them). Made on
+        first use: most processes never need it."""
+        _ = self.client  # built first: a forked child's resets `_once`
+        if self._once is None:
+            with self._lock:
+                if self._once is None:
+                    # Ranged re-reads: S3 keeps no checksum of a part of an object.
+                    self._once = self._build(1, "when_required")
+        return self._once
+
+    def _build(self, attempts: int, response_checksums: str) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            config=Config(
+                # Standard mode, not adaptive: its backoff is capped (`backoff_bound_s`), while
+                # the adaptive mode's client-side rate limiter can hold a request for as long as
+                # it judges the store busy, which no bound here could state.
+                retries={"total_max_attempts": attempts, "mode": "standard"},
+                max_pool_connections=self.max_pool_connections,
+                connect_timeout=self.connect_timeout_s,
+                read_timeout=self.read_timeout_s,
+                # Uploads always carry a CRC32 of their body (also where an environment sets
+                # AWS_REQUEST_CHECKSUM_CALCULATION=when_required), so a store that receives fewer
+                # bytes refuses the object rather than storing it short.
+                request_checksum_calculation="when_supported",
+                response_checksum_validation=response_checksums,
+            ),
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_lock", None)
         state["_client"] = None
+        state["_once"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -337,15 +424,29 @@ class S3Storage:
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self.prefix}{key}"
 
-    def _translate(self, exc: Exception, key: str | None) -> StorageError:
-        """Map a botocore error to our tree, naming bucket and key."""
+    def _attempts(self, exc: Exception, spent: int | None = None) -> str:
+        """ "after N attempts": botocore's count where the reply carries it, else the budget."""
+        if spent is None:
+            meta = getattr(exc, "response", None) or {}
+            retried = meta.get("ResponseMetadata", {}).get("RetryAttempts")
+            spent = retried + 1 if isinstance(retried, int) else self.max_attempts
+        return f"after {spent} attempt{'s' if spent != 1 else ''} (storage.max_attempts)"
+
+    def _translate(self, exc: Exception, key: str | None, spent: int | None = None) -> StorageError:
+        """Map a botocore error to our tree, naming bucket, key, the fault and the attempts."""
         from botocore.exceptions import (
             ClientError,
             ConnectionClosedError,
             ConnectTimeoutError,
             EndpointConnectionError,
+            FlexibleChecksumError,
+            IncompleteReadError,
             NoCredentialsError,
             ReadTimeoutError,
+            ResponseStreamingError,
+        )
+        from botocore.exceptions import (
+            ConnectionError as BotoConnectionError,
         )
 
         where = self.uri(key) if key is not None else f"s3://{self.bucket}"
@@ -353,6 +454,8 @@ class S3Storage:
             err = exc.response.get("Error", {})
             code = str(err.get("Code", ""))
             status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            message = err.get("Message") or ""
+            fault = f"{code or status}{': ' + message if message else ''}"
             if code in _NO_BUCKET or (key is None and code in _NOT_FOUND):
                 return BucketNotFound(f"s3://{self.bucket}: bucket does not exist")
             if code in _NOT_FOUND:
@@ -362,17 +465,48 @@ class S3Storage:
                     f"{where}: access denied ({code}; check the credentials and IAM policy)"
                 )
             if code in _THROTTLED or status in {"429", "503"}:
-                return Throttled(f"{where}: throttled by the store after retries ({code})")
-            return StorageError(f"{where}: {code or status}: {err.get('Message', exc)}")
+                return Throttled(
+                    f"{where}: throttled by the store ({fault}) {self._attempts(exc, spent)}"
+                )
+            if code in _STORE_FAILED or status in _STORE_FAILED:
+                return StorageUnavailable(
+                    f"{where}: the store failed ({fault}) {self._attempts(exc, spent)}"
+                )
+            if code in {"BadDigest", "XAmzContentSHA256Mismatch"}:
+                return StorageUnavailable(
+                    f"{where}: the store refused the upload ({fault}): the body it received does "
+                    "not match the checksum sent with it (cut or corrupted in transit); the key "
+                    "keeps its previous version"
+                )
+            if code == "PreconditionFailed":
+                return StorageUnavailable(
+                    f"{where}: the object changed while it was being read (its ETag no longer "
+                    "matches); read it again"
+                )
+            return StorageError(f"{where}: {fault or exc}")
         if isinstance(exc, NoCredentialsError):
             return AccessDenied(
                 f"{where}: no AWS credentials found (environment, profile or instance role)"
             )
-        if isinstance(
-            exc,
-            (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError),
-        ):
-            return StorageUnavailable(f"{where}: cannot reach the store ({exc})")
+        if isinstance(exc, FlexibleChecksumError):
+            return StorageUnavailable(
+                f"{where}: checksum mismatch, the bytes received are not the object's ({exc}); "
+                "read it again"
+            )
+        if isinstance(exc, (ReadTimeoutError, ConnectTimeoutError)):
+            return StorageUnavailable(
+                f"{where}: the store went silent ({exc}; connect_timeout_s "
+                f"{self.connect_timeout_s:g}, read_timeout_s {self.read_timeout_s:g}) "
+                f"{self._attempts(exc, spent)}"
+            )
+        if isinstance(exc, (IncompleteReadError, ResponseStreamingError)):
+            return StorageUnavailable(
+                f"{where}: the reply's body was cut short ({exc}) {self._attempts(exc, spent)}"
+            )
+        if isinstance(exc, (EndpointConnectionError, ConnectionClosedError, BotoConnectionError)):
+            return StorageUnavailable(
+                f"{where}: cannot reach the store ({exc}) {self._attempts(exc, spent)}"
+            )
         return StorageError(f"{where}: {exc}")
 
     def check(self) -> None:
@@ -384,18 +518,69 @@ class S3Storage:
             raise self._translate(exc, None) from exc
 
     def stream(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        """The object in chunks. A body that stalls or breaks after the reply's headers is read
+        on from the byte where it broke (the same version: `If-Match` its ETag), the re-reads
+        counted in the same `max_attempts` as the first request's own retries; the chunks add
+        up to the reply's Content-Length or the read fails (never a short object)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
+        full = self._key(key)
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            resp = self.client.get_object(Bucket=self.bucket, Key=full)
         except (ClientError, BotoCoreError) as exc:
             raise self._translate(exc, key) from exc
-        try:
-            yield from body.iter_chunks(chunk_size)
-        except (ClientError, BotoCoreError) as exc:
-            raise self._translate(exc, key) from exc
-        finally:
-            body.close()
+        spent = resp["ResponseMetadata"].get("RetryAttempts", 0) + 1
+        size, etag = int(resp["ContentLength"]), resp["ETag"]
+        done = 0
+        while True:
+            body = resp["Body"]
+            fault: Exception | None = None
+            try:
+                for chunk in body.iter_chunks(chunk_size):
+                    done += len(chunk)
+                    yield chunk
+            except (ClientError, BotoCoreError) as exc:
+                fault = exc
+            finally:
+                body.close()
+            if fault is None and done == size:
+                return
+            from botocore.exceptions import FlexibleChecksumError
+
+            if isinstance(fault, FlexibleChecksumError):  # the bytes already given were wrong
+                raise self._translate(fault, key) from fault
+            what = f"{fault}" if fault is not None else "the body ended early"
+            if spent >= self.max_attempts:
+                raise StorageUnavailable(
+                    f"{self.uri(key)}: the reply's body broke at byte {done} of {size} ({what}) "
+                    f"{self._attempts(fault or Exception(), spent)}"
+                ) from fault
+            log.warning(
+                "%s: body broke at byte %d of %d (%s); reading on (attempt %d of %d)",
+                self.uri(key),
+                done,
+                size,
+                what,
+                spent + 1,
+                self.max_attempts,
+            )
+            # The re-reads make one attempt each (`once`) and count them here.
+            while True:
+                time.sleep(random.random() * (backoff_bound_s(spent) - RETRY_AFTER_EXTRA_S))
+                spent += 1
+                try:
+                    resp = self.once.get_object(
+                        Bucket=self.bucket, Key=full, Range=f"bytes={done}-", IfMatch=etag
+                    )
+                    break
+                except (ClientError, BotoCoreError) as exc:
+                    error = self._translate(exc, key, spent)
+                    changed = isinstance(exc, ClientError) and (
+                        exc.response.get("Error", {}).get("Code") == "PreconditionFailed"
+                    )
+                    transient = isinstance(error, (Throttled, StorageUnavailable))
+                    if changed or not transient or spent >= self.max_attempts:
+                        raise error from exc
 
     def read_bytes(self, key: str) -> bytes:
         return b"".join(self.stream(key))
