@@ -12,7 +12,8 @@ calls it, and this reports:
   rss_growth    the process's resident set after minus before (psutil), and its peak during
                 the build (sampled every 10 ms by a thread);
   traced_peak   tracemalloc's peak during a second build (Python allocations only; slower);
-  seconds       the first build's wall time (listing, pairing, parquet, two uploads).
+  seconds       the first build's wall time (listing, pairing, parquet, two uploads), and
+                list_only_seconds: the same listing alone, nothing kept (the store's share).
 The figures go to stdout and to `--out`. Not part of `make test` (tests/unit/
 test_manifest_load.py checks the same at 5,000 objects).
 """
@@ -121,6 +122,9 @@ def measure(endpoint: str, pairs: int) -> dict[str, Any]:
         seconds = time.perf_counter() - started
     after = proc.memory_info().rss
     requests = dict(sent)
+    started = time.perf_counter()
+    listed = sum(1 for _ in store.list(layout.dataset))  # the listing alone, nothing kept
+    list_seconds = time.perf_counter() - started
     tracemalloc.start()
     build_manifest(store, layout, cfg.data, 0, "bench-traced")
     _, traced = tracemalloc.get_traced_memory()
@@ -138,6 +142,8 @@ def measure(endpoint: str, pairs: int) -> dict[str, Any]:
         "traced_peak_mb": round(traced / 2**20, 1),
         "traced_bytes_per_object": round(traced / objects),
         "seconds": round(seconds, 2),
+        "list_only_seconds": round(list_seconds, 2),  # the store's share of `seconds`
+        "listed": listed,
         "objects_per_second": round(objects / seconds),
     }
 
