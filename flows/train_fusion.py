@@ -4,6 +4,9 @@ The unit a separate worker can run. A run killed mid-epoch resumes from its newe
 it is started again with the same run id:
 
     python -m flows.train_fusion --config config/demo.yaml --fusion mid --run 20261125T020000Z
+
+Its runs are named for what they train, e.g. "mid 3 epochs run 20261125T020000Z"; a run that
+train-all-fusions fanned out keeps the name its parent gave it ("<run>-<fusion>").
 """
 
 from __future__ import annotations
@@ -22,7 +25,28 @@ from tasks.io.layout import new_run_id
 from tasks.refs import TrainedRef
 
 
-@flow(name="train-fusion", log_prints=False)
+def epochs_text(epochs: int) -> str:
+    return f"{epochs} epoch" if epochs == 1 else f"{epochs} epochs"
+
+
+def run_name() -> str:
+    """The flow run's name in the UI: the fusion, the epochs the config gives, the run id when
+    one is given, e.g. "early 15 epochs"; a fan-out child keeps its parent's name for it."""
+    from prefect.runtime import flow_run
+
+    if "fan-out" in flow_run.tags and flow_run.name:
+        return str(flow_run.name)
+    p = flow_run.parameters
+    try:
+        cfg = load_config(p.get("config_path", "config/config.yaml"), p.get("overrides") or [])
+        epochs = f" {epochs_text(cfg.training.epochs)}"
+    except ConfigError:  # the flow itself fails on it, with the message
+        epochs = " (invalid config)"
+    run = f" run {p['run']}" if p.get("run") else ""
+    return f"{p.get('fusion', 'mid')}{epochs}{run}"
+
+
+@flow(name="train-fusion", flow_run_name=run_name, log_prints=False)
 def train_fusion(
     config_path: str = "config/config.yaml",
     fusion: str = "mid",

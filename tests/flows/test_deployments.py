@@ -1,5 +1,7 @@
 """What puts the pipeline into production: prefect.yaml, the work pool, the worker's systemd unit,
-cloud-init, and the least-privilege IAM policy. No server here (tests/e2e deploys for real)."""
+cloud-init, and the least-privilege IAM policy. The nightly deployment's typed parameters (the UI's
+form), how they reach the config, and the runs' names go through Prefect's test harness; the rest
+needs no server (tests/e2e deploys for real)."""
 
 from __future__ import annotations
 
@@ -79,6 +81,174 @@ def test_parameters_carry_config_path_and_overrides_only():
     for dep in prefect_yaml()["deployments"]:
         assert dep["parameters"] == {"config_path": "config/config.yaml", "overrides": []}
         load_config(ROOT / dep["parameters"]["config_path"])  # the path resolves and validates
+
+
+# --- the nightly deployment's parameters and run names ------------------------------------------
+
+NIGHTLY_ENTRYPOINT = "flows/train_all_fusions.py:train_all_fusions"
+TINY = """
+storage:
+  uri: {bucket}
+data:
+  n_mels: 32
+  spec_frames: 32
+  image_size: 32
+  shard_size: 32
+generator:
+  fill_empty_dataset: true
+  n_pairs: 96
+training:
+  epochs: 3
+  log_every: 2
+"""
+
+
+def nightly_yaml() -> dict:
+    return next(d for d in prefect_yaml()["deployments"] if d["name"] == "nightly")
+
+
+def only_branch(prop: dict) -> dict:
+    """The non-null branch of an optional parameter's `anyOf`."""
+    branches = [b for b in prop.get("anyOf", [prop]) if b.get("type") != "null"]
+    assert len(branches) == 1, prop
+    return branches[0]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_nightly_deployment_offers_a_typed_form(monkeypatch) -> None:
+    """Deployed as `prefect deploy` does it (the flow loaded from its entrypoint), the server
+    holds a typed schema: the UI draws a choice of fusions, a number for epochs, a list of
+    overrides; prefect.yaml's parameters fit it, and a bad value is refused naming it."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.flows import load_flow_from_entrypoint
+
+    monkeypatch.chdir(ROOT)
+    nightly = load_flow_from_entrypoint(NIGHTLY_ENTRYPOINT)
+    params = nightly_yaml()["parameters"]
+    deployment_id = nightly.to_deployment(name="nightly", parameters=params).apply()
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment(deployment_id)
+        schema = deployment.parameter_openapi_schema
+        props = schema["properties"]
+        assert list(props) == ["config_path", "overrides", "fusions", "epochs", "dataset_prefix"]
+        assert props["config_path"] == {**props["config_path"], "type": "string",
+                                        "default": "config/config.yaml"}  # fmt: skip
+        fusions = only_branch(props["fusions"])
+        assert fusions["type"] == "array"
+        assert fusions["items"] == {"enum": ["early", "mid", "late"], "type": "string"}
+        assert only_branch(props["epochs"]) == {"type": "integer", "minimum": 1}
+        assert only_branch(props["dataset_prefix"]) == {"type": "string"}
+        overrides = only_branch(props["overrides"])
+        assert overrides["type"] == "array" and overrides["items"]["type"] == "string"
+        assert all(props[name].get("description") for name in props)  # help text in the form
+        assert schema.get("required", []) == []  # a plain run needs no parameter
+        assert deployment.enforce_parameter_schema
+        assert deployment.parameters == params == {"config_path": "config/config.yaml",
+                                                   "overrides": []}  # fmt: skip
+
+        # prefect.yaml's parameters, and typed ones, pass the server's check; bad ones do not
+        client.create_flow_run_from_deployment(deployment_id)
+        client.create_flow_run_from_deployment(
+            deployment_id, parameters={"fusions": ["late"], "epochs": 2}
+        )
+        for bad, field in (
+            ({"fusions": ["mixed"]}, "fusions[0]"),
+            ({"epochs": 0}, "epochs"),
+            ({"overrides": ["epochs"]}, "overrides[0]"),
+        ):
+            with pytest.raises(PrefectHTTPStatusError, match="409") as err:
+                client.create_flow_run_from_deployment(deployment_id, parameters=bad)
+            detail = err.value.response.json()["detail"]
+            assert f"Validation failed for field '{field}'" in detail, detail
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_bad_parameter_fails_the_run_naming_the_parameter(tmp_path) -> None:
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.train_all_fusions import train_all_fusions
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.format(bucket=tmp_path / "bucket"))
+    with pytest.raises(
+        ParameterTypeError, match=r"- fusions\.0: Input should be 'early', 'mid' or 'late'"
+    ):
+        train_all_fusions(config_path=str(cfg), fusions=["mixed"])
+    with pytest.raises(
+        ParameterTypeError, match=r"- epochs: Input should be greater than or equal to 1"
+    ):
+        train_all_fusions(config_path=str(cfg), epochs=0)
+    with pytest.raises(ParameterTypeError, match=r"- overrides\.0: String should match pattern"):
+        train_all_fusions(config_path=str(cfg), overrides=["training.epochs"])
+    # what only the config can judge is refused by it, named as the parameter that set it
+    with pytest.raises(ConfigError, match="^parameter dataset_prefix: storage.dataset_prefix: "):
+        train_all_fusions(config_path=str(cfg), dataset_prefix="/abs/")
+    with pytest.raises(ConfigError, match="^parameter fusions: training.fusions: names a fusion "):
+        train_all_fusions(config_path=str(cfg), fusions=["late", "late"])
+    assert not (tmp_path / "bucket").exists()  # refused before any work
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_typed_parameters_reach_the_config_and_name_the_runs(tmp_path) -> None:
+    """fusions, epochs and dataset_prefix become overrides of the config (which says 3 epochs of
+    every fusion): one epoch of late on a dataset under media/; the runs are named for it."""
+    from datetime import UTC, datetime
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.train_all_fusions import train_all_fusions
+    from tasks.io.layout import Layout
+
+    bucket = tmp_path / "bucket"
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.format(bucket=bucket))
+    state = train_all_fusions(
+        config_path=str(cfg),
+        fusions=["late"],
+        epochs=1,
+        dataset_prefix="media/",
+        overrides=["training.batch_size=8"],
+        return_state=True,
+    )
+    summary = state.result()
+    assert summary.fusions == ["late"] and set(summary.metrics) == {"late"}
+    layout = Layout(dataset="media/")
+    assert (bucket / layout.checkpoint("late", summary.run, 1)).is_file()
+    assert not (bucket / layout.checkpoint("late", summary.run, 2)).exists()
+    assert not (bucket / layout.model("early", summary.run)).exists()
+    assert any((bucket / "media").rglob("*.wav")) and not (bucket / "dataset").exists()
+
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    assert flow_run.name == f"local {datetime.now(UTC):%Y-%m-%d} late 1 epoch"
+    assert "train-late" in {t.name for t in task_runs}
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_train_fusion_runs_are_named_for_what_they_train(tmp_path) -> None:
+    from prefect import flow
+    from prefect.runtime import flow_run
+
+    from flows.train_fusion import run_name
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.format(bucket=tmp_path / "bucket"))
+
+    @flow(name="train-fusion-name-test", flow_run_name=run_name)
+    def named(
+        config_path: str, fusion: str, run: str | None = None, overrides: list[str] | None = None
+    ) -> str:
+        return str(flow_run.name)
+
+    assert named(str(cfg), "early") == "early 3 epochs"
+    assert named(str(cfg), "mid", "r1", ["training.epochs=1"]) == "mid 1 epoch run r1"
+    assert named(str(cfg), "late", None, ["training.epochs=zero"]) == "late (invalid config)"
 
 
 def test_pull_step_sets_the_project_directory():
