@@ -102,6 +102,18 @@ QUALITY_ARGS ?=
 quality: $(RUN_STAMP)
 	$(BIN)/python -m benchmarks.quality $(QUALITY_ARGS)
 
+# Headless Chromium for the UI test (tests/e2e/test_browser.py): Debian's `chromium` package,
+# installed with apt-get when missing (as root, else through sudo; needs the package registry).
+# Nothing downloads a browser: no `playwright install`, Playwright drives this one.
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" -eq 0 ]; then sudo=; else sudo=sudo; fi; \
+	  echo "make browser: installing chromium (apt-get)"; \
+	  $$sudo apt-get update -q && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+	@echo "make browser: $$(command -v chromium)"
+
 lint: $(DEV_STAMP)
 	$(BIN)/ruff format --check . && $(BIN)/ruff check . && $(BIN)/mypy tasks config models
 

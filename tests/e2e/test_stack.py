@@ -11,8 +11,9 @@ A second test fans the fusions out over both workers (once train-all-fusions fan
 kills the worker running a training and shows the re-run resuming from the last checkpoint.
 
 The stack is started by the same code as `make stack-up` (scripts/stack.py), on free ports in a
-temporary folder, and always stopped at the end (process groups, and the flow runs the workers
-started in sessions of their own); the module checks that no process, socket or folder is left.
+temporary folder, once for tests/e2e (conftest.py, which also runs the nightly deployment once for
+this module and test_browser.py), and always stopped at the end (process groups, and the flow runs
+the workers started in sessions of their own), checking that no process, socket or folder is left.
 
     .venv/bin/python -m pytest tests/e2e -q    # 4-7 minutes on the shared 2-core machine
 """
@@ -22,33 +23,38 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-import shutil
-import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from scripts import stack as stack_mod
-from scripts.stack import StackSettings, StackState, WeedPorts
+from scripts.stack import StackState
+from tests.e2e.conftest import (
+    BUCKET,
+    CONFIG,
+    RUN,
+    WATCH_TIMEOUT_S,
+    Running,
+    bucket_keys,
+    read_run,
+    run_deployment,
+    run_nightly,
+    worker_logs,
+)
 
 pytestmark = pytest.mark.e2e
 
-CONFIG = "config/e2e.yaml"
-BUCKET = "deepfake-e2e"  # config/e2e.yaml's storage.uri
 FUSIONS = ("early", "mid", "late")
-RUN = f"e2e-{uuid.uuid4().hex[:8]}"  # run.name override: every key of the run is known
 DEPLOYMENTS = {
     "train-all-fusions/nightly",
     "train-fusion/fan-out",
     "evaluate-models/on-demand",
     "detect/new-media",
 }
-WATCH_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -124,122 +130,7 @@ WIRED: tuple[str, ...] = tuple(STAGES)  # stages train-all-fusions runs (all of 
 FAN_OUT_WIRED = True  # train-all-fusions calls flows.fanout.train_on_workers when fan_out is on
 
 
-# --- the stack ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Running:
-    state: StackState
-    settings: StackSettings
-
-
-@pytest.fixture(scope="module")
-def running() -> Iterator[Running]:
-    """Server, two workers (at most two runs each), SeaweedFS, benchmark, deployments; stopped
-    and removed afterwards whatever happened."""
-    root = Path(tempfile.mkdtemp(prefix="e2e-stack-"))
-    ports = stack_mod.free_ports(9)
-    settings = StackSettings(
-        root=root,
-        prefect_port=ports[0],
-        weed=WeedPorts(*ports[1:]),
-        workers=2,
-        worker_limit=2,
-        worker_poll_s=2,
-        bucket=BUCKET,
-        dataset_config=CONFIG,
-        dataset_pairs=96,
-        scheduler=False,  # the nightly schedule exists, but no 02:00 run joins the test
-        startup_timeout_s=240,
-    )
-    try:
-        yield Running(stack_mod.up(settings), settings)
-    finally:
-        leftovers: list[str] = []
-        if (root / stack_mod.STATE_FILE).exists():
-            recorded = StackState.load(root)
-            try:
-                stack_mod.down(root, grace_s=3)  # the store's data is thrown away: no need to wait
-            except stack_mod.StackError as exc:
-                leftovers.append(str(exc))
-            leftovers += [p.name for p in recorded.processes if stack_mod._tree(p)]
-            leftovers += [str(proc.pid) for proc in stack_mod._marked(root.resolve())]
-            leftovers += [
-                str(s) for s in stack_mod._weed_tmp_sockets(recorded.weed_ports) if s.exists()
-            ]
-        shutil.rmtree(root, ignore_errors=True)
-        assert not leftovers, f"left behind: {leftovers}"
-        assert not root.exists()
-
-
-@pytest.fixture
-def stack(running: Running) -> StackState:
-    return running.state
-
-
-def run_deployment(state: StackState, name: str, params: dict, watch: bool = True) -> str:
-    """`prefect deployment run <name> [--watch]` on config/e2e.yaml; returns the flow run id."""
-    params = {"config_path": CONFIG, **params}
-    params["overrides"] = [f"storage.endpoint_url={state.s3_endpoint}", *params["overrides"]]
-    argv = ["prefect", "deployment", "run", name, "--params", json.dumps(params)]
-    if watch:
-        argv += ["--watch", "--watch-timeout", str(WATCH_TIMEOUT_S)]
-    log_path = Path(state.root) / "logs" / "deployment-run.log"
-    try:
-        output = stack_mod.run_cli(argv, state.client_env(), log_path, cwd=stack_mod.PROJECT_DIR,
-                                   timeout_s=WATCH_TIMEOUT_S + 60)  # fmt: skip
-    except stack_mod.StackError as exc:
-        pytest.fail(f"{exc}\n\n{worker_logs(state)}")
-    match = re.search(r"UUID: ([0-9a-f-]{36})", output)
-    assert match, f"no flow run id in the CLI output:\n{output}"
-    return match.group(1)
-
-
-def run_nightly(state: StackState, overrides: list[str]) -> str:
-    """`prefect deployment run train-all-fusions/nightly --watch`; returns the flow run id."""
-    return run_deployment(state, "train-all-fusions/nightly", {"overrides": overrides})
-
-
-def worker_logs(state: StackState) -> str:
-    return "\n".join(
-        f"--- {p.name} ---\n{stack_mod._tail(stack_mod._read(p.log), 40)}"
-        for p in state.processes
-        if p.name.startswith("stack-worker")
-    )
-
-
-def bucket_keys(state: StackState) -> list[str]:
-    client = stack_mod.s3_client(state)
-    keys = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=state.bucket):
-        keys += [obj["Key"] for obj in page.get("Contents", [])]
-    return keys
-
-
-def read_run(
-    state: StackState, flow_run_id: str
-) -> tuple[object, list[object], list[object], list[object]]:
-    """The flow run, its task runs, its logs (task logs included) and its artifacts."""
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        FlowRunFilter,
-        FlowRunFilterId,
-        LogFilter,
-        LogFilterFlowRunId,
-    )
-
-    run_id = uuid.UUID(flow_run_id)
-    with stack_mod.prefect_client(state) as client:
-        flow_run = client.read_flow_run(run_id)
-        task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
-        )
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
-        )
-    return flow_run, task_runs, logs, artifacts
+# --- helpers --------------------------------------------------------------------------------------
 
 
 def base_name(task_run_name: str, expected: set[str]) -> str:
@@ -279,9 +170,9 @@ def test_stack_is_up_and_deployed(stack: StackState):
     assert sum(k.startswith("dataset/images/") for k in keys) == 96
 
 
-def test_nightly_deployment_runs_the_pipeline(stack: StackState):
+def test_nightly_deployment_runs_the_pipeline(stack: StackState, nightly_run: str):
     assert set(WIRED) <= set(STAGES), f"unknown stages in WIRED: {set(WIRED) - set(STAGES)}"
-    flow_run_id = run_nightly(stack, [f"run.name={RUN}"])
+    flow_run_id = nightly_run  # run.name=RUN, shared with test_browser.py (conftest.py)
     flow_run, task_runs, logs, artifacts = read_run(stack, flow_run_id)
     expected = [STAGES[name] for name in WIRED]
 
