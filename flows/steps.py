@@ -13,6 +13,7 @@ from prefect.tasks import exponential_backoff
 
 from config.schema import PipelineConfig
 from flows import artifacts
+from flows.common import IO_RETRY_BACKOFF_S, IO_RETRY_JITTER, IO_TASK_RETRIES
 from tasks.data import features as preprocess
 from tasks.data import manifest as manifests
 from tasks.data import synthetic as make_dataset
@@ -36,10 +37,11 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(exc, BaseException) and is_transient_error(exc)
 
 
+# The storage steps' retries, from the constants whose worst case flows/common.py adds up.
 IO_RETRIES: dict[str, Any] = dict(
-    retries=4,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_jitter_factor=0.5,
+    retries=IO_TASK_RETRIES,
+    retry_delay_seconds=exponential_backoff(backoff_factor=IO_RETRY_BACKOFF_S),
+    retry_jitter_factor=IO_RETRY_JITTER,
     retry_condition_fn=is_transient,
 )
 
