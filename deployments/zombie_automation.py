@@ -75,11 +75,13 @@ def ensure(client: Any, within_s: float = DEFAULT_WITHIN_S) -> tuple[UUID, str]:
     that name. `client`: a synchronous Prefect client. Returns its id and what was done."""
     wanted = automation(within_s)
     fields = {"description", "enabled", "trigger", "actions"}
-    same = wanted.model_dump(mode="json", include=fields)
+    # Python mode keeps the trigger's sets (expect, after, for_each) as sets: in JSON they become
+    # lists in hash order, which differs between this process and the server's.
+    same = wanted.model_dump(mode="python", include=fields)
     existing = client.read_automations_by_name(NAME)  # the most recently updated first
     if not existing:
         return client.create_automation(wanted), "created"
-    matching = [a for a in existing if a.model_dump(mode="json", include=fields) == same]
+    matching = [a for a in existing if a.model_dump(mode="python", include=fields) == same]
     keep = (matching or existing)[0]
     for other in existing:
         if other.id != keep.id:
