@@ -46,7 +46,8 @@ run: $(RUN_STAMP)
 evaluate: $(RUN_STAMP)
 	$(BIN)/python -m flows.evaluate --config $(CONFIG) $(if $(RUN),--run $(RUN),)
 
-test: $(DEV_STAMP)
+# The suite's UI test needs Debian's chromium: `browser` installs it first when it is missing.
+test: $(DEV_STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The inner loop: the unit tier only (no Prefect run, no subprocess, no multi-epoch training).
