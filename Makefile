@@ -89,12 +89,16 @@ stack-down:
 	$(BIN)/python -m scripts.stack down --dir $(STACK_DIR)
 
 # Streaming preprocessing on SeaweedFS behind a 0/20/50 ms proxy, as ratios to baselines of the
-# same run: the decode bound, the naive reading, the s3torchconnector peer, the cache (benchmarks/
-# README.md; ~15-25 minutes on a 2-core machine). Not part of `make test` (its smoke version is).
-# make bench BENCH_ARGS="--sizes demo --repeats 1"
+# same run: the decode bound, the naive reading, the s3torchconnector peer, the cache; then
+# training: input stall against pure compute, concurrency 1 vs auto, peak RSS at N and 10N pairs
+# (benchmarks/README.md; ~30-45 minutes on a 2-core machine). Not part of `make test` (their smoke
+# versions are).
+# make bench BENCH_ARGS="--sizes demo --repeats 1" TRAIN_BENCH_ARGS="--repeats 1"
 BENCH_ARGS ?=
+TRAIN_BENCH_ARGS ?=
 bench: $(DEV_STAMP)
 	$(BIN)/python -m benchmarks.bench_stream $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.bench_train $(TRAIN_BENCH_ARGS)
 
 # Detection quality of the three fusions on the synthetic benchmark, through the pipeline itself
 # (benchmarks/README.md; hours on a small CPU machine). Not part of `make test`.
