@@ -16,8 +16,10 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,27 +38,29 @@ class Running:
     settings: StackSettings
 
 
-@pytest.fixture(scope="session")
-def running() -> Iterator[Running]:
-    """Server, two workers (at most two runs each), SeaweedFS, benchmark, deployments; stopped
-    and removed afterwards whatever happened."""
-    root = Path(tempfile.mkdtemp(prefix="e2e-stack-"))
+@contextmanager
+def started_stack(prefix: str = "e2e-stack-", **settings: Any) -> Iterator[Running]:
+    """Server, two workers (at most two runs each), SeaweedFS, benchmark, deployments, on free
+    ports in a fresh folder (`settings` override StackSettings' fields); stopped and removed
+    afterwards whatever happened, with a check that nothing is left behind."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     ports = stack_mod.free_ports(9)
-    settings = StackSettings(
-        root=root,
-        prefect_port=ports[0],
-        weed=WeedPorts(*ports[1:]),
-        workers=2,
-        worker_limit=2,
-        worker_poll_s=2,
-        bucket=BUCKET,
-        dataset_config=CONFIG,
-        dataset_pairs=96,
-        scheduler=False,  # the nightly schedule exists, but no 02:00 run joins the test
-        startup_timeout_s=240,
-    )
+    fields: dict[str, Any] = {
+        "root": root,
+        "prefect_port": ports[0],
+        "weed": WeedPorts(*ports[1:]),
+        "workers": 2,
+        "worker_limit": 2,
+        "worker_poll_s": 2,
+        "bucket": BUCKET,
+        "dataset_config": CONFIG,
+        "dataset_pairs": 96,
+        "scheduler": False,  # the nightly schedule exists, but no 02:00 run joins the test
+        "startup_timeout_s": 240,
+    }
+    chosen = StackSettings(**{**fields, **settings})
     try:
-        yield Running(stack_mod.up(settings), settings)
+        yield Running(stack_mod.up(chosen), chosen)
     finally:
         leftovers: list[str] = []
         if (root / stack_mod.STATE_FILE).exists():
@@ -73,6 +77,13 @@ def running() -> Iterator[Running]:
         shutil.rmtree(root, ignore_errors=True)
         assert not leftovers, f"left behind: {leftovers}"
         assert not root.exists()
+
+
+@pytest.fixture(scope="session")
+def running() -> Iterator[Running]:
+    """The session's stack (`started_stack` with its defaults)."""
+    with started_stack() as running:
+        yield running
 
 
 @pytest.fixture

@@ -15,13 +15,9 @@ temporary folder (as `make stack-up`), stopped and removed at the end.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,12 +26,11 @@ import pytest
 
 from deployments.zombie_automation import MESSAGE, NAME
 from scripts import stack as stack_mod
-from scripts.stack import StackSettings, StackState, WeedPorts
+from scripts.stack import StackState
+from tests.e2e.conftest import BUCKET, CONFIG, Running, started_stack
 
 pytestmark = pytest.mark.e2e
 
-CONFIG = "config/e2e.yaml"
-BUCKET = "deepfake-e2e"  # config/e2e.yaml's storage.uri
 FUSIONS = ("early", "mid", "late")
 RUN = f"faults-{uuid.uuid4().hex[:8]}"
 HEARTBEAT_S = 30  # Prefect's minimum
@@ -43,49 +38,20 @@ ZOMBIE_AFTER_S = 90.0  # the stack's default window
 START_TIMEOUT_S = 600  # a run reaching a given point (features built, children started...)
 
 
-@dataclass(frozen=True)
-class Running:
-    state: StackState
-    settings: StackSettings
-
-
 @pytest.fixture(scope="module")
 def running() -> Iterator[Running]:
-    root = Path(tempfile.mkdtemp(prefix="faults-stack-"))
-    ports = stack_mod.free_ports(9)
-    settings = StackSettings(
-        root=root,
-        prefect_port=ports[0],
-        weed=WeedPorts(*ports[1:]),
-        workers=2,
-        worker_poll_s=2,
-        bucket=BUCKET,
-        dataset_config=CONFIG,
-        dataset_pairs=96,
+    """A stack of this module's own: heartbeats and the zombie window set, the fan-out
+    deployments only, and Prefect's own (later) cancel cascade off, so that only the flow's hook
+    can cancel the children."""
+    with started_stack(
+        "faults-stack-",
+        worker_limit=None,
         deployments=("train-all-fusions/nightly", "train-fusion/fan-out"),
-        scheduler=False,
         heartbeat_s=HEARTBEAT_S,
         zombie_after_s=ZOMBIE_AFTER_S,
-        # Prefect's own (later) cascade off: only the flow's hook can cancel the children.
         server_env=(("PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_ENABLED", "false"),),
-        startup_timeout_s=240,
-    )
-    try:
-        yield Running(stack_mod.up(settings), settings)
-    finally:
-        leftovers: list[str] = []
-        if (root / stack_mod.STATE_FILE).exists():
-            recorded = StackState.load(root)
-            try:
-                stack_mod.down(root, grace_s=3)
-            except stack_mod.StackError as exc:
-                leftovers.append(str(exc))
-            leftovers += [str(p.pid) for p in stack_mod._marked(root.resolve())]
-            leftovers += [
-                str(s) for s in stack_mod._weed_tmp_sockets(recorded.weed_ports) if s.exists()
-            ]
-        shutil.rmtree(root, ignore_errors=True)
-        assert not leftovers, f"left behind: {leftovers}"
+    ) as running:
+        yield running
 
 
 def start_run(state: StackState, name: str, params: dict[str, Any]) -> uuid.UUID:
