@@ -44,7 +44,7 @@ from flows.steps import (
 from flows.train_fusion import epochs_text
 from tasks.errors import ConfigError
 from tasks.refs import FeatureRef, RunSummary, TrainedRef
-from tasks.train.memory import plan_concurrency
+from tasks.train.memory import plan_concurrency, plan_threads, torch_threads
 
 # What the CLI's --set takes (config/load.py): a dotted setting, "=", a YAML value (may be empty).
 Override = Annotated[
@@ -186,15 +186,19 @@ def train_here(cfg: PipelineConfig, features: FeatureRef, run: str) -> list[Trai
     """Train the configured fusions on this worker, as many at once as memory allows."""
     fusions = list(cfg.training.fusions)
     at_once = plan_concurrency(cfg, len(fusions))
-    get_run_logger().info("training %s, %d at a time", ", ".join(fusions), at_once)
+    threads = plan_threads(cfg, at_once)
+    get_run_logger().info(
+        "training %s, %d at a time, %d torch thread(s) each", ", ".join(fusions), at_once, threads
+    )
     trained: list[TrainedRef] = []
-    for start in range(0, len(fusions), at_once):
-        wave = fusions[start : start + at_once]
-        if len(wave) == 1:
-            trained.append(train_fusion_task(cfg, features, wave[0], run))
-        else:
-            futures = [train_fusion_task.submit(cfg, features, f, run) for f in wave]
-            trained.extend(f.result() for f in futures)
+    with torch_threads(threads):
+        for start in range(0, len(fusions), at_once):
+            wave = fusions[start : start + at_once]
+            if len(wave) == 1:
+                trained.append(train_fusion_task(cfg, features, wave[0], run))
+            else:
+                futures = [train_fusion_task.submit(cfg, features, f, run) for f in wave]
+                trained.extend(f.result() for f in futures)
     return trained
 
 

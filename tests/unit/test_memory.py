@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
 
 import pytest
+import torch
 
 from config.load import validate_config
 from config.schema import MemoryConfig
@@ -20,6 +22,8 @@ from tasks.train.memory import (
     model_state_bytes,
     monitor_memory,
     plan_concurrency,
+    plan_threads,
+    torch_threads,
 )
 from tests.unit.memory_readings import readings
 
@@ -158,3 +162,20 @@ def test_plan_concurrency_measures_the_configured_fusions() -> None:
     # Plenty of room (1 TB, 1% in use): both at once; almost none: one at a time.
     assert plan_concurrency(cfg, 2, read_memory=readings(1.0), total_bytes=2**40) == 2
     assert plan_concurrency(cfg, 2, read_memory=readings(69.9), total_bytes=2**30) == 1
+
+
+def test_concurrent_trainings_share_the_cores_torch_threads() -> None:
+    cpu = concurrency_cfg("auto")
+    assert plan_threads(cpu, 3, available=2) == 1  # three fusions on two cores: one each
+    assert plan_threads(cpu, 2, available=16) == 8
+    assert plan_threads(cpu, 3, available=16) == 5
+    assert plan_threads(cpu, 1, available=16) == 16  # alone: all of them
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+        seen: list[int] = []
+        worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        worker.start()
+        worker.join()
+        assert seen == [1]  # a training thread started inside the block gets the plan too
+    assert torch.get_num_threads() == before
