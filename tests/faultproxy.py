@@ -17,6 +17,8 @@ or on every matching one when `nth` is None. Faults (`Fault.kind`):
     stall_body      the reply's headers and the first `keep` bytes of its body, then no byte for
                     `stall_s` (then closed)
     cut_body        the reply's headers (full Content-Length) and `keep` bytes, then closed
+    corrupt_body    the reply whole, one byte in the middle of its body flipped (only the
+                    object's checksum can tell)
     cut_upload      the request's headers (full Content-Length) and `keep` bytes of its body sent to
                     the server, then both connections closed (a network cut mid-upload)
     short_upload    the request forwarded with its body cut to `keep` bytes and Content-Length
@@ -54,6 +56,7 @@ KINDS = set(ERRORS) | {
     "stall_headers",
     "stall_body",
     "cut_body",
+    "corrupt_body",
     "cut_upload",
     "short_upload",
 }
@@ -288,6 +291,9 @@ class FaultProxy:
         length = resp_headers_length(resp_headers, resp_body, method)
         head += f"Content-Length: {length}\r\n\r\n"
         payload = b"" if method == "HEAD" else resp_body
+        if fault is not None and kind == "corrupt_body" and payload:
+            middle = len(payload) // 2  # one byte flipped, the length kept
+            payload = payload[:middle] + bytes([payload[middle] ^ 0xFF]) + payload[middle + 1 :]
         if fault is not None and kind in ("stall_body", "cut_body") and payload:
             client.sendall(head.encode("latin-1") + payload[: fault.kept(len(payload))])
             if kind == "stall_body":

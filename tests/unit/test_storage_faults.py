@@ -144,6 +144,52 @@ def test_a_persistent_fault_on_a_read_fails_after_the_configured_attempts_naming
     assert proxy.attempts("GET", "models/m.pt") == attempts
 
 
+def botocore_gets(store: S3Storage) -> list[str]:
+    """The GetObject calls that go through botocore's request pipeline, seen with botocore's
+    own event hooks (the lean GET makes none)."""
+    calls: list[str] = []
+    store.client.meta.events.register(
+        "before-call.s3.GetObject", lambda params, **_: calls.append(params["url_path"])
+    )
+    store.rest.meta.events.register(
+        "before-call.s3.GetObject", lambda params, **_: calls.append(params["url_path"])
+    )
+    return calls
+
+
+def test_reads_take_the_lean_get_and_botocore_only_the_attempts_after_a_fault(
+    proxy: FaultProxy, bucket: str, checking_server: str
+) -> None:
+    s3 = direct(checking_server)
+    s3.put_object(Bucket=bucket, Key="dataset/a b+c.wav", Body=DATA)
+    s3.put_object(Bucket=bucket, Key="models/m.pt", Body=DATA)
+    store = store_via(proxy, bucket)
+    calls = botocore_gets(store)
+    assert store.read_bytes("dataset/a b+c.wav") == DATA  # a key that needs quoting, signed
+    assert b"".join(store.stream("models/m.pt", chunk_size=10_000)) == DATA
+    assert calls == [] and proxy.attempts("GET", "models/m.pt") == 1
+    proxy.add(Fault("503"), method="GET", key="models/m.pt", nth={1})
+    assert store.read_bytes("models/m.pt") == DATA
+    assert len(calls) == 1  # the retry, through botocore
+    assert proxy.attempts("GET", "models/m.pt") == 3
+    with pytest.raises(storage.ObjectNotFound, match="no such object"):
+        store.read_bytes("models/gone.pt")
+    assert len(calls) == 1  # a 404 is final: no retry
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+def test_a_body_corrupted_in_transit_is_refused_by_its_checksum(
+    proxy: FaultProxy, bucket: str, checking_server: str, attempts: int
+) -> None:
+    direct(checking_server).put_object(Bucket=bucket, Key="models/m.pt", Body=DATA)
+    proxy.add(Fault("corrupt_body"), method="GET", key="models/m.pt", nth={1})
+    store = store_via(proxy, bucket, attempts=attempts)
+    with pytest.raises(StorageUnavailable, match="checksum mismatch") as exc:
+        store.read_bytes("models/m.pt")
+    assert f"s3://{bucket}/models/m.pt" in str(exc.value) and is_transient_error(exc.value)
+    assert store.read_bytes("models/m.pt") == DATA  # the next read is not corrupted
+
+
 @pytest.mark.parametrize("kind", WRITE_FAULTS)
 def test_a_transient_fault_on_a_write_is_retried_and_the_whole_object_is_stored(
     proxy: FaultProxy, bucket: str, checking_server: str, kind: str
