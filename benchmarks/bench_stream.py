@@ -34,6 +34,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -41,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,8 +239,31 @@ def naive(cfg: Any, rows: list[Any]) -> float:
     return timed(run)
 
 
-def product(cfg: Any, manifest: Any) -> tuple[float, float]:
-    """(cold build seconds, cache-hit seconds) of `build_features`, cache cleared first."""
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and of its children that have ended (the decode processes
+    of a finished build)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@dataclass
+class Build:
+    cold_s: float  # the cold build
+    hit_s: float  # the cache hit after it
+    client_cpu_s: float  # the product's CPU in the cold build (its process + decode processes)
+    server_cpu_s: float  # SeaweedFS's and the latency proxy's CPU meanwhile (same cores)
+
+
+def product(cfg: Any, manifest: Any, server_pids: Sequence[int]) -> Build:
+    """A cold `build_features` (cache cleared first), then a cache hit, with the CPU each side
+    of the HTTP connection spent on the cold build."""
     from tasks.data.features import build_features
     from tasks.io.layout import Layout
     from tasks.io.storage import open_storage
@@ -249,9 +273,11 @@ def product(cfg: Any, manifest: Any) -> tuple[float, float]:
     for obj in list(store.list(f"{layout.outputs}cache/")):
         store.delete(obj.key)
     store.check()
+    client, server = own_cpu_s(), sum(cpu_s(p) for p in server_pids)
     cold = timed(lambda: build_features(store, layout, cfg.data, manifest))
+    client, server = own_cpu_s() - client, sum(cpu_s(p) for p in server_pids) - server
     hit = timed(lambda: build_features(store, layout, cfg.data, manifest))
-    return cold, hit
+    return Build(cold, hit, client, server)
 
 
 def startup(cfg: Any) -> float:
@@ -396,16 +422,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     cfg = config(size, proxy.endpoint)
                     runs: dict[str, list[float]] = {
                         "decode_bound": [], "naive": [], "product": [], "cache_hit_s": [],
-                        "cold_s": [], "peer": []
+                        "cold_s": [], "peer": [], "client_cpu_ms_per_pair": [],
+                        "server_cpu_ms_per_pair": [], "server_share": [],
                     }  # fmt: skip
                     for _ in range(args.repeats):
                         # The bound beside the others in every repeat: the machine's load moves.
                         runs["decode_bound"].append(len(rows) / decode_bound(direct, rows, blobs))
                         runs["naive"].append(len(sub) / naive(cfg, sub))
-                        cold, hit = product(cfg, ref)
-                        runs["product"].append(len(rows) / cold)
-                        runs["cold_s"].append(cold)
-                        runs["cache_hit_s"].append(hit)
+                        build = product(cfg, ref, (weed.proc.pid, proxy.proc.pid))
+                        runs["product"].append(len(rows) / build.cold_s)
+                        runs["cold_s"].append(build.cold_s)
+                        runs["cache_hit_s"].append(build.hit_s)
+                        runs["client_cpu_ms_per_pair"].append(1000 * build.client_cpu_s / len(rows))
+                        runs["server_cpu_ms_per_pair"].append(1000 * build.server_cpu_s / len(rows))
+                        # the share of the cores the store and the proxy took from the build
+                        runs["server_share"].append(build.server_cpu_s / (build.cold_s * cores()))
                         if not args.no_peer:
                             runs["peer"].append(len(rows) / peer(cfg, rows, proxy.endpoint))
                 finally:
@@ -421,6 +452,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row = {
                     "pairs_per_s": med,
                     "product_vs_decode_bound": med["product"] / b,
+                    # against the bound on the cores the store and the proxy left to the build
+                    # (on this one machine they share the cores; S3 serves from elsewhere)
+                    "product_vs_bound_on_cores_left": med["product"]
+                    / (b * max(1e-9, 1 - med["server_share"])),
+                    # the decode bound's CPU per pair: its processes are busy the whole time
+                    "bound_cpu_ms_per_pair": 1000 * cores() / b,
                     "product_without_startup_vs_decode_bound": med["product_without_startup"] / b,
                     "product_vs_naive": med["product"] / med["naive"],
                     "cache_hit_speedup": med["cold_s"] / med["cache_hit_s"],
@@ -460,7 +497,10 @@ def print_row(size: str, rtt: float, bound: float, row: dict[str, Any]) -> None:
     print(
         f"{size:10s} {rtt:4g} ms  bound {bound:7.1f}/s  product {m['product']:7.1f}/s "
         f"({row['product_vs_decode_bound']:4.0%} of bound; "
-        f"{row['product_without_startup_vs_decode_bound']:4.0%} less start-up)  "
+        f"{row['product_without_startup_vs_decode_bound']:4.0%} less start-up; "
+        f"{row['product_vs_bound_on_cores_left']:4.0%} of it on the cores the store left)  "
+        f"CPU/pair ms: decode {row['bound_cpu_ms_per_pair']:4.1f}, product "
+        f"{m['client_cpu_ms_per_pair']:4.1f}, store {m['server_cpu_ms_per_pair']:4.1f}  "
         f"naive {m['naive']:6.1f}/s, product {row['product_vs_naive']:5.1f}x  {peer}  "
         f"cache hit {row['cache_hit_speedup']:5.1f}x faster",
         flush=True,

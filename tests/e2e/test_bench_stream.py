@@ -36,8 +36,18 @@ def test_the_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
     for row in demo["latencies"].values():
         for name in ("naive", "product", "peer", "product_without_startup"):
             assert math.isfinite(row["pairs_per_s"][name]) and row["pairs_per_s"][name] > 0
-        for ratio in ("product_vs_decode_bound", "product_vs_naive", "product_vs_peer"):
+        for ratio in (
+            "product_vs_decode_bound",
+            "product_vs_naive",
+            "product_vs_peer",
+            "product_vs_bound_on_cores_left",
+            "bound_cpu_ms_per_pair",
+        ):
             assert math.isfinite(row[ratio]) and row[ratio] > 0
+        # both sides of the connection did work: the build's processes and the store's
+        cpu = row["pairs_per_s"]
+        assert cpu["client_cpu_ms_per_pair"] > 0 and cpu["server_cpu_ms_per_pair"] > 0
+        assert 0 < cpu["server_share"] < 1
         assert row["cache_hit_speedup"] > 0
     assert proc.stdout.count(" ms  bound ") == 2  # one table line per round trip
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("bench-weed-")]  # cleaned up
