@@ -102,6 +102,7 @@ class Seen:
     query: str
     fault: str | None
     headers: dict[str, str]  # the request's headers, names in lower case
+    connection: int = 0  # which client connection it came on (1, 2, ... in the order opened)
 
 
 @dataclass
@@ -116,6 +117,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._server: socketserver.ThreadingTCPServer | None = None
+        self._connections = 0
 
     # --- set-up ------------------------------------------------------------------------------
 
@@ -209,6 +211,9 @@ class FaultProxy:
 
     def _serve(self, client: socket.socket, rfile: object) -> None:
         reader = rfile  # a buffered reader over the client socket
+        with self._lock:
+            self._connections += 1
+            connection = self._connections
         while not self._stop.is_set():
             line = reader.readline()  # type: ignore[attr-defined]
             if not line or not line.strip():
@@ -231,7 +236,14 @@ class FaultProxy:
             fault = self._pick(method, unquote(path))
             with self._lock:
                 self.log.append(
-                    Seen(method, unquote(path), query, fault.kind if fault else None, lower)
+                    Seen(
+                        method,
+                        unquote(path),
+                        query,
+                        fault.kind if fault else None,
+                        lower,
+                        connection,
+                    )  # fmt: skip
                 )
             if not self._answer(client, method, target, headers, body, fault):
                 return

@@ -27,6 +27,7 @@ This module is the one place where botocore errors become `StorageError`s.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -64,6 +65,7 @@ def _file_mode() -> int:
 
 
 CHUNK = 1 << 20  # bytes per streamed chunk
+DRAIN_BYTES = 256 << 10  # a stream closed with at most this much left is read out, not cut
 # The "folders" created under outputs/ at set-up (every kind of product has its own).
 OUTPUT_FOLDERS = (
     "models/",
@@ -691,6 +693,13 @@ class S3Storage:
                 for chunk in body.iter_chunks(chunk_size):
                     done += len(chunk)
                     yield chunk
+            except GeneratorExit:  # the reader has what it needs (an audio file's first bytes)
+                if size - done <= DRAIN_BYTES:
+                    # Reading the little left keeps the connection for the next GET; closing
+                    # mid-body would drop it (a new connection: CPU, and on S3 a TLS handshake).
+                    with contextlib.suppress(Exception):
+                        body.read()
+                raise
             except (ClientError, BotoCoreError) as exc:
                 fault = exc
             finally:

@@ -177,6 +177,34 @@ def test_reads_take_the_lean_get_and_botocore_only_the_attempts_after_a_fault(
     assert len(calls) == 1  # a 404 is final: no retry
 
 
+def test_a_stream_closed_near_its_end_keeps_the_connection_and_one_closed_early_drops_it(
+    proxy: FaultProxy, bucket: str, checking_server: str
+) -> None:
+    big = DATA * 4  # 2 MB: closed after its first 100 KB, most of it is never fetched
+    s3 = direct(checking_server)
+    s3.put_object(Bucket=bucket, Key="near.bin", Body=DATA)
+    s3.put_object(Bucket=bucket, Key="big.bin", Body=big)
+    s3.put_object(Bucket=bucket, Key="next.bin", Body=b"x")
+    store = store_via(proxy, bucket)
+
+    def first_chunk_then_close(key: str, size: int) -> bytes:
+        chunks = store.stream(key, chunk_size=size)
+        try:
+            return next(chunks)
+        finally:
+            chunks.close()
+
+    # 512 KB read in 400 KB: 112 KB left, within DRAIN_BYTES
+    assert first_chunk_then_close("near.bin", 400_000) == DATA[:400_000]
+    assert store.read_bytes("next.bin") == b"x"
+    near, after = proxy.seen("GET", "near.bin")[0], proxy.seen("GET", "next.bin")[0]
+    assert after.connection == near.connection  # read out, so the connection was kept
+    assert first_chunk_then_close("big.bin", 100_000) == big[:100_000]
+    assert store.read_bytes("next.bin") == b"x"
+    cut, again = proxy.seen("GET", "big.bin")[0], proxy.seen("GET", "next.bin")[1]
+    assert again.connection != cut.connection  # 1.9 MB left: cut, not read
+
+
 @pytest.mark.parametrize("attempts", [1, 3])
 def test_a_body_corrupted_in_transit_is_refused_by_its_checksum(
     proxy: FaultProxy, bucket: str, checking_server: str, attempts: int
