@@ -91,14 +91,19 @@ stack-down:
 # Streaming preprocessing on SeaweedFS behind a 0/20/50 ms proxy, as ratios to baselines of the
 # same run: the decode bound, the naive reading, the s3torchconnector peer, the cache; then
 # training: input stall against pure compute, concurrency 1 vs auto, peak RSS at N and 10N pairs
-# (benchmarks/README.md; ~30-45 minutes on a 2-core machine). Not part of `make test` (their smoke
+# (benchmarks/README.md; ~30-45 minutes on a 2-core machine); then end to end: one
+# train-all-fusions run on the demo config, the wall time of each stage as Prefect recorded it
+# (E2E_BENCH_ARGS, e.g. --repeats 3; ~5-8 minutes a run). Not part of `make test` (their smoke
 # versions are).
 # make bench BENCH_ARGS="--sizes demo --repeats 1" TRAIN_BENCH_ARGS="--repeats 1"
+# make bench E2E_BENCH_ARGS="--repeats 3 --set training.keep_checkpoints=2"
 BENCH_ARGS ?=
 TRAIN_BENCH_ARGS ?=
+E2E_BENCH_ARGS ?=
 bench: $(DEV_STAMP)
 	$(BIN)/python -m benchmarks.bench_stream $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.bench_train $(TRAIN_BENCH_ARGS)
+	$(BIN)/python -m benchmarks.bench_e2e $(E2E_BENCH_ARGS)
 
 # Detection quality of the three fusions on the synthetic benchmark, through the pipeline itself
 # (benchmarks/README.md; hours on a small CPU machine). Not part of `make test`.
