@@ -28,6 +28,7 @@ import soundfile as sf
 from PIL import Image, ImageOps
 
 from config.schema import DataConfig
+from tasks.data import spectral
 from tasks.errors import CorruptSample
 
 IMAGE_FORMATS = ("JPEG", "PNG", "MPO")  # MPO: the JPEG variant some cameras write
@@ -180,15 +181,12 @@ def analysis_rate(cfg: DataConfig) -> int:
 
 def log_mel(y: np.ndarray, sr: int, cfg: DataConfig) -> np.ndarray:
     """Mono waveform at `sr` -> log-mel (1, n_mels, spec_frames) in [-1, 1], float32."""
-    import librosa
-
     rate = analysis_rate(cfg)
-    if sr != rate:
-        y = librosa.resample(y, orig_sr=sr, target_sr=rate)
+    y = spectral.resample(y, sr, rate)
     clip = int(round(cfg.clip_seconds * rate))
     y = np.pad(y[:clip], (0, max(0, clip - len(y))))
     n_fft, hop = mel_params(cfg)
-    spec = np.abs(librosa.stft(y, n_fft=n_fft, hop_length=hop, center=True)) ** 2
+    spec = spectral.stft_power(y, n_fft, hop)
     bands = filterbank(cfg.audio_bands, rate, n_fft, cfg.n_mels, cfg.band_limit_hz)
     mel = bands @ spec[:, : cfg.spec_frames]
     mel = np.pad(mel, ((0, 0), (0, max(0, cfg.spec_frames - mel.shape[1]))))
@@ -215,7 +213,7 @@ def filterbank(
     kind: str, sr: int, n_fft: int, n_bands: int, fmax: float | None = None
 ) -> np.ndarray:
     """(n_bands, n_fft // 2 + 1) float32 triangular filters from 0 Hz to `fmax` (default: the
-    Nyquist frequency, and never above it): mel-spaced (librosa's, Slaney-normalised) or
+    Nyquist frequency, and never above it): mel-spaced (Slaney's scale and norm, as librosa's) or
     linearly spaced (each filter of unit area). Nothing above `fmax` reaches any band."""
     top = min(float(fmax), sr / 2) if fmax is not None else sr / 2
     return _filterbank(kind, sr, n_fft, n_bands, top)
@@ -224,10 +222,7 @@ def filterbank(
 @lru_cache(maxsize=16)
 def _filterbank(kind: str, sr: int, n_fft: int, n_bands: int, top: float) -> np.ndarray:
     if kind == "mel":
-        import librosa
-
-        basis = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_bands, fmax=top)
-        return np.asarray(basis, dtype=np.float32)
+        return spectral.mel_filters(sr, n_fft, n_bands, top)
     if kind != "linear":
         raise ValueError(f"audio bands {kind!r} are not one of mel, linear")
     freqs = np.linspace(0.0, sr / 2, n_fft // 2 + 1)

@@ -108,8 +108,9 @@ class _Decoded:
 
 
 # "auto" gives a decode process at most one per this many pairs: starting one (interpreter,
-# numpy, librosa) costs about a second, the time to decode ~100 pairs, so a small build (the
-# tests, a demo) decodes in its own process and a large one on every core.
+# numpy, boto3, the decoders; no librosa, see tasks/data/spectral.py) costs about 0.3 s on an
+# idle core, the time to decode ~60 pairs, so a tiny build (the tests) decodes in its own
+# process and a larger one on every core.
 AUTO_PAIRS_PER_WORKER = 64
 
 

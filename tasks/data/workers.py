@@ -101,7 +101,7 @@ def one_blas_thread() -> threadpool_limits:
 
 def _init_worker(cfg: DataConfig) -> None:
     """Runs once in each decode process: one BLAS thread, the settings, and one throwaway
-    decode, so the first real pair is not the one that pays for librosa's lazy imports."""
+    decode, so the first real pair is not the one that pays for the decoders' lazy imports."""
     global _WORKER_CFG, _LIMITS
     _WORKER_CFG = cfg
     try:
@@ -109,7 +109,7 @@ def _init_worker(cfg: DataConfig) -> None:
     except CorruptSample:  # settings that refuse even this: no matter
         pass
     # After the warm-up: threadpoolctl limits the libraries loaded so far, and the decoders'
-    # lazy imports (scipy and its own OpenBLAS) have happened by now.
+    # lazy imports (soxr, numpy's FFT) have happened by now.
     _LIMITS = one_blas_thread()
 
 
