@@ -384,22 +384,28 @@ def emotion_vocabulary(rows: Sequence[PairRow]) -> list[str]:
 def _cached_index(store: Storage, layout: Layout, fhash: str) -> dict[str, Any] | None:
     """The cache's index when it is complete and matches `fhash`, else None (rebuild)."""
     key, prefix = layout.feature_index(fhash), layout.features(fhash)
-    try:
-        index = read_json(store, key)
-    except ObjectNotFound:
-        return None
-    except DataError as exc:
-        log.warning("%s: unreadable cache index, rebuilding (%s)", store.uri(key), exc.__cause__)
-        return None
-    if (
-        not isinstance(index, dict)
-        or index.get("format") != FEATURE_FORMAT
-        or index.get("feature_hash") != fhash
-        or not isinstance(index.get("shards"), dict)
-    ):
-        log.warning("%s: cache index of another format or content, rebuilding", store.uri(key))
-        return None
-    present = {obj.key for obj in store.list(prefix)}
+    # The shards are listed while the index is read: a hit costs one round trip less (on a miss
+    # the listing, one request, goes unused and its errors unseen).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-list") as pool:
+        listing = pool.submit(lambda: {obj.key for obj in store.list(prefix)})
+        try:
+            index = read_json(store, key)
+        except ObjectNotFound:
+            return None
+        except DataError as exc:
+            log.warning(
+                "%s: unreadable cache index, rebuilding (%s)", store.uri(key), exc.__cause__
+            )
+            return None
+        if (
+            not isinstance(index, dict)
+            or index.get("format") != FEATURE_FORMAT
+            or index.get("feature_hash") != fhash
+            or not isinstance(index.get("shards"), dict)
+        ):
+            log.warning("%s: cache index of another format or content, rebuilding", store.uri(key))
+            return None
+        present = listing.result()
     missing = [
         n
         for s in SPLITS
