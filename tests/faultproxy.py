@@ -12,6 +12,7 @@ or on every matching one when `nth` is None. Faults (`Fault.kind`):
 
     500, 503        an S3 XML error (InternalError, ServiceUnavailable), the request unforwarded
     slowdown        503 with S3's `SlowDown` XML error body
+    redirect        301 `PermanentRedirect` (what S3 answers for a bucket in another region)
     reset           the connection closed with a TCP reset before any reply
     stall_headers   the request forwarded, no reply for `stall_s` (then closed)
     stall_body      the reply's headers and the first `keep` bytes of its body, then no byte for
@@ -50,6 +51,11 @@ ERRORS = {
     "500": (500, "InternalError", "We encountered an internal error. Please try again."),
     "503": (503, "ServiceUnavailable", "Service is unable to handle request."),
     "slowdown": (503, "SlowDown", "Please reduce your request rate."),
+    "redirect": (
+        301,
+        "PermanentRedirect",
+        "The bucket you are attempting to access must be addressed using the specified endpoint.",
+    ),
 }
 KINDS = set(ERRORS) | {
     "reset",

@@ -750,8 +750,9 @@ class S3Storage:
         costs ~2 ms of CPU per GET (measured), several times the rest of the request, and a
         feature build makes two GETs per pair on the cores that decode. A 404 there is final;
         any other failure is made again through botocore (`rest`: the attempts left, after
-        the same backoff), so retries, redirects and the errors' wording stay botocore's and
-        a read still makes at most `max_attempts` attempts.
+        the same backoff), so retries and the errors' wording stay botocore's and a read still
+        makes at most `max_attempts` attempts. A redirect (the bucket in another region) hands
+        the read, and every later one, to botocore whole.
         """
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -762,13 +763,16 @@ class S3Storage:
                 return lean.get(full), 1
             except (ClientError, BotoCoreError) as exc:
                 if isinstance(exc, ClientError) and lean.redirected(exc):
-                    self._lean = False  # another region or endpoint: botocore knows the way
-                final = isinstance(exc, ClientError) and _status(exc) == 404
-                if final or self.max_attempts == 1:
-                    raise self._translate(exc, key, 1) from exc
-                if isinstance(self._translate(exc, key, 1), (Throttled, StorageUnavailable)):
-                    time.sleep(random.random() * (backoff_bound_s(1) - RETRY_AFTER_EXTRA_S))
-                client, before = self.rest, 1
+                    # Another region or endpoint: botocore finds the way (its redirects are no
+                    # retry), with the whole budget; this store reads through botocore from now.
+                    self._lean = False
+                else:
+                    final = isinstance(exc, ClientError) and _status(exc) == 404
+                    if final or self.max_attempts == 1:
+                        raise self._translate(exc, key, 1) from exc
+                    if isinstance(self._translate(exc, key, 1), (Throttled, StorageUnavailable)):
+                        time.sleep(random.random() * (backoff_bound_s(1) - RETRY_AFTER_EXTRA_S))
+                    client, before = self.rest, 1
         try:
             resp = client.get_object(Bucket=self.bucket, Key=full)
         except (ClientError, BotoCoreError) as exc:

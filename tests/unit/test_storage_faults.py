@@ -177,6 +177,20 @@ def test_reads_take_the_lean_get_and_botocore_only_the_attempts_after_a_fault(
     assert len(calls) == 1  # a 404 is final: no retry
 
 
+@pytest.mark.parametrize("attempts", [1, 3])
+def test_a_redirect_hands_the_read_and_every_later_one_to_botocore(
+    proxy: FaultProxy, bucket: str, checking_server: str, attempts: int
+) -> None:
+    direct(checking_server).put_object(Bucket=bucket, Key="models/m.pt", Body=DATA)
+    proxy.add(Fault("redirect"), method="GET", key="models/m.pt", nth={1})
+    store = store_via(proxy, bucket, attempts=attempts)
+    calls = botocore_gets(store)
+    assert store.read_bytes("models/m.pt") == DATA  # even with a single attempt
+    assert store.read_bytes("models/m.pt") == DATA
+    assert len(calls) == 2 and store.lean() is None  # both through botocore
+    assert proxy.attempts("GET", "models/m.pt") == 3
+
+
 def test_a_stream_closed_near_its_end_keeps_the_connection_and_one_closed_early_drops_it(
     proxy: FaultProxy, bucket: str, checking_server: str
 ) -> None:
