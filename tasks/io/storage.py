@@ -347,11 +347,11 @@ class _LeanGet:
     """A GetObject without botocore's request pipeline (events, parameter validation,
     endpoint rules, response parsing), from botocore's own parts: the URL its endpoint rules
     give the bucket (read once from a presigned URL; the region is the client's), its SigV4
-    signer with the client's credentials (refreshed as they expire), the client's HTTP
-    session (its connection pool,
-    certificates, proxies and timeouts), its streaming body and checksum classes (a whole
-    object's CRC32 or SHA is checked as the body ends, as botocore does) and its ClientError
-    (error replies carry S3's code and message, translated by `S3Storage._translate`)."""
+    signer with the client's credentials (refreshed as they expire), the client's HTTP session
+    (its connection pool, certificates, proxies and timeouts), its streaming body and checksum
+    classes (a whole object's CRC32 or SHA is checked as the body ends, as botocore does) and
+    its ClientError (error replies carry S3's code and message, translated by
+    `S3Storage._translate`)."""
 
     base: str  # the URL of a key is base + the quoted key
     region: str  # the region botocore signs for
@@ -530,8 +530,9 @@ class S3Storage:
 
     def lean(self) -> _LeanGet | None:
         """This process's lean GET, set up on first use; None where it cannot be used (no
-        credentials yet, a signature version other than SigV4, a botocore without the pieces
-        it uses, or a store that redirected it): every read then goes through botocore."""
+        credentials at the first read, a signature version other than SigV4, a botocore
+        without the pieces it uses, or a store that redirected it): every read of this process
+        then goes through botocore."""
         client = self.client
         if self._lean is None:
             with self._lock:
