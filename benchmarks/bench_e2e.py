@@ -292,9 +292,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,models,config,flows")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from benchmarks.quality import in_process_prefect
+
+    in_process_prefect()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per API call otherwise
     from config import load_config
 

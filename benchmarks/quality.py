@@ -443,11 +443,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def in_process_prefect() -> None:
+    """Settings for flow runs called in this process (Prefect starts its temporary API): no
+    analytics, the project's loggers in the run logs, INFO lines on stderr."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,models,config,flows")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    in_process_prefect()
     from config import load_config
 
     started = datetime.now(UTC)
