@@ -53,6 +53,9 @@ class FusionOutput(NamedTuple):
     image_emb: Tensor  # (B, D) image emotion embedding
     audio_emotion: Tensor = NO_EMOTIONS  # (B, K) emotion logits of the voice; (0, 0) without heads
     image_emotion: Tensor = NO_EMOTIONS  # (B, K) emotion logits of the face
+    # (B, 2) late fusion's audio and image heads' own logits, each taught its own file's label
+    # (training.file_label_weight); (0, 0) for the fusions without per-modality decisions
+    file_logits: Tensor = NO_EMOTIONS
 
 
 def emotion_agreement(audio_logits: Tensor, image_logits: Tensor) -> Tensor:
@@ -113,9 +116,16 @@ class ConsistencyHead(nn.Module):
 
 
 def _output(
-    logit: Tensor, audio_emb: Tensor, image_emb: Tensor, audio_emo: Tensor, image_emo: Tensor
+    logit: Tensor,
+    audio_emb: Tensor,
+    image_emb: Tensor,
+    audio_emo: Tensor,
+    image_emo: Tensor,
+    file_logits: Tensor = NO_EMOTIONS,
 ) -> FusionOutput:
-    return FusionOutput(logit, torch.sigmoid(logit), audio_emb, image_emb, audio_emo, image_emo)
+    return FusionOutput(
+        logit, torch.sigmoid(logit), audio_emb, image_emb, audio_emo, image_emo, file_logits
+    )
 
 
 AUDIO_STEM_CHANNELS = (16, 32)  # the log-mel's stem: two conv blocks before it joins the image
@@ -252,7 +262,12 @@ class LateFusionModel(nn.Module):
     """Separate decisions combined at the end: an audio head, an image head and a consistency
     head (on the agreement of the two modalities' emotions) each give a logit; `rule` combines
     them: "mean" / "max" of the three probabilities, or "learned": a soft maximum of the three
-    logits, each with a learned scale and offset (a pair is fake when any one source says so)."""
+    logits, each with a learned scale and offset (a pair is fake when any one source says so).
+
+    The audio and image heads' logits are also returned (`file_logits`): where each file's own
+    label is known, training teaches each head its file's label, so the image head learns the
+    image-only fakes whichever head happens to lead (through the soft maximum alone, a fake's
+    gradient goes mostly to the head already highest)."""
 
     def __init__(
         self,
@@ -299,4 +314,4 @@ class LateFusionModel(nn.Module):
             log_p = torch.logsumexp(F.logsigmoid(logits), dim=1) - math.log(3)
             log_q = torch.logsumexp(F.logsigmoid(-logits), dim=1) - math.log(3)
             logit = log_p - log_q
-        return _output(logit, audio_emb, image_emb, audio_emo, image_emo)
+        return _output(logit, audio_emb, image_emb, audio_emo, image_emo, logits[:, :2])

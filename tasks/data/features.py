@@ -61,7 +61,7 @@ from tasks.refs import FeatureRef, ManifestRef
 
 log = logging.getLogger(__name__)
 
-FEATURE_FORMAT = 2  # bump when the decoders change what they produce: old caches are then unused
+FEATURE_FORMAT = 3  # bump when the decoders change what they produce: old caches are then unused
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,6 +75,7 @@ def feature_hash(rows: Sequence[PairRow], cfg: DataConfig) -> str:
     for r in sorted(rows, key=lambda r: r.pair_id):
         line = "\t".join(
             [r.pair_id, r.split, str(r.label), r.family, r.emotion, r.image_emotion]
+            + [str(r.audio_label), str(r.image_label)]
             + [r.audio_key, r.audio_etag, r.image_key, r.image_etag]
         )
         digest.update(line.encode() + b"\n")
@@ -264,6 +265,9 @@ class _ShardWriter:
                 "audio": np.stack([a for _, a, _ in self.items]),  # (N, 1, n_mels, spec_frames)
                 "image": np.stack([i for _, _, i in self.items]),  # (N, 3, S, S)
                 "label": np.array([r.label for r in rows], dtype=np.int8),  # (N,)
+                "file_label": np.array(  # (N, 2): the audio's and the image's own label
+                    [(r.audio_label, r.image_label) for r in rows], dtype=np.int8
+                ),
                 "pair_id": [r.pair_id for r in rows],
                 "family": [r.family for r in rows],
                 "audio_emotion": [r.emotion for r in rows],

@@ -94,6 +94,15 @@ class PairRow:
     image_key: str
     image_size: int
     image_etag: str
+    # Each file's own label, from its folder (audio/fake/..., images/real/...): a fake pair may
+    # fake only one modality (a cloned voice over a real face) or neither (real files whose
+    # emotions disagree). Late fusion teaches each modality's head its own file's label.
+    audio_label: int = -1  # 1 = fake; -1 = unknown (a manifest written before the column)
+    image_label: int = -1
+
+
+# Columns a manifest of an older version may lack, and what they then read as.
+LATER_COLUMNS = {"audio_label": -1, "image_label": -1}
 
 
 @dataclass
@@ -257,6 +266,8 @@ def pairs_from_csv(
                 image_key=image.key,
                 image_size=image.size,
                 image_etag=image.etag,
+                audio_label=audio.label,
+                image_label=image.label,
             )
         )
     if "split" in columns and "val" not in given and "train" in given:
@@ -341,6 +352,8 @@ def pairs_at_random(
                         image_key=image.key,
                         image_size=image.size,
                         image_etag=image.etag,
+                        audio_label=audio.label,
+                        image_label=image.label,
                     )
                 )
     return rows, skipped
@@ -460,8 +473,13 @@ def read_manifest(store: Storage, key: str) -> list[PairRow]:
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{store.uri(key)}: not a readable manifest ({exc})") from exc
     names = [f.name for f in fields(PairRow)]
-    missing = [n for n in names if n not in table.column_names]
+    missing = [n for n in names if n not in table.column_names and n not in LATER_COLUMNS]
     if missing:
         raise DataError(f"{store.uri(key)}: manifest lacks column(s) {', '.join(missing)}")
-    cols = {n: table.column(n).to_pylist() for n in names}
+    cols = {
+        n: table.column(n).to_pylist()
+        if n in table.column_names
+        else [LATER_COLUMNS[n]] * table.num_rows
+        for n in names
+    }
     return [PairRow(**{n: cols[n][i] for n in names}) for i in range(table.num_rows)]

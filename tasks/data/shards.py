@@ -4,6 +4,8 @@ Shard arrays (loaded with `allow_pickle=False`, so a shard can never run code):
     audio    float16 (N, 1, n_mels, spec_frames)   normalised log-mel
     image    uint8   (N, 3, S, S)                  RGB; divided by 255 when read -> [0, 1]
     label    int8    (N,)                          1 = fake, 0 = real
+    file_label int8  (N, 2)                        the audio's and the image's own label (from
+                                                   their folders); -1 = unknown
     pair_id  str     (N,)                          stable id of the pair (manifest)
     family   str     (N,)                          fake family ("real" for real pairs, "" unknown)
 
@@ -30,7 +32,8 @@ from tasks.io.storage import Storage, open_storage
 log = logging.getLogger(__name__)
 
 SHARD_FIELDS = (
-    "audio", "image", "label", "pair_id", "family", "audio_emotion", "image_emotion", "crop"
+    "audio", "image", "label", "file_label", "pair_id", "family", "audio_emotion",
+    "image_emotion", "crop",
 )  # fmt: skip
 
 
@@ -43,11 +46,19 @@ def encode_shard(
     audio_emotion: Sequence[str] | None = None,
     image_emotion: Sequence[str] | None = None,
     crop: int = 0,
+    file_label: np.ndarray | None = None,
 ) -> bytes:
     """Serialise one shard; checks that every array has the same length and the right dtype.
     Emotions are names ("" = unknown); omitted, they are all unknown. `crop` > 0: the images are
-    native-resolution squares from which `DeepfakeDataset` takes `crop` x `crop` crops."""
+    native-resolution squares from which `DeepfakeDataset` takes `crop` x `crop` crops.
+    `file_label` (N, 2): each pair's audio and image labels; omitted, both files take the pair's
+    label (a fake pair whose two files are fake)."""
     n = len(label)
+    if file_label is None:
+        file_label = np.repeat(np.asarray(label, dtype=np.int8)[:, None], 2, axis=1)
+    file_label = np.asarray(file_label, dtype=np.int8)
+    if file_label.shape != (n, 2):
+        raise ValueError(f"file_label has shape {file_label.shape}, expected ({n}, 2)")
     audio_emotion = [""] * n if audio_emotion is None else list(audio_emotion)
     image_emotion = [""] * n if image_emotion is None else list(image_emotion)
     if not (
@@ -66,6 +77,7 @@ def encode_shard(
         audio=np.asarray(audio, dtype=np.float16),
         image=np.asarray(image, dtype=np.uint8),
         label=np.asarray(label, dtype=np.int8),
+        file_label=file_label,
         pair_id=np.asarray(list(pair_id), dtype=str),
         family=np.asarray(list(family), dtype=str),
         audio_emotion=np.asarray(audio_emotion, dtype=str),
@@ -98,7 +110,8 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
     """Streams (audio, image, label) samples from feature shards in a bucket.
 
     Each item is a dict: audio float32 (1, n_mels, frames), image float32 (3, S, S) in [0, 1],
-    label float32 scalar (1 = fake), pair_id str, family str, audio_emotion and image_emotion
+    label float32 scalar (1 = fake), file_label float32 (2,) (the audio's and the image's own
+    label, -1 unknown), pair_id str, family str, audio_emotion and image_emotion
     str ("" = unknown). Crop-mode shards hold larger native squares: the centre S x S is taken,
     or with `augment` (training) a random one, plus the augmentations of `_augment`. Storage is
     opened in `__iter__` (boto3 clients must not cross a fork); shards are split between
@@ -173,6 +186,7 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
                     "audio": torch.from_numpy(np.ascontiguousarray(audio)),
                     "image": torch.from_numpy(image.astype(np.float32) / 255.0),  # [0, 1]
                     "label": torch.tensor(float(shard["label"][i]), dtype=torch.float32),
+                    "file_label": torch.from_numpy(shard["file_label"][i].astype(np.float32)),
                     "pair_id": str(shard["pair_id"][i]),
                     "family": str(shard["family"][i]),
                     "audio_emotion": str(shard["audio_emotion"][i]),
@@ -239,6 +253,9 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "audio": torch.stack([it["audio"] for it in items]),
         "image": torch.stack([it["image"] for it in items]),
         "label": torch.stack([it["label"] for it in items]),
+        "file_label": torch.stack(  # (B, 2); -1 = unknown
+            [it.get("file_label", torch.full((2,), -1.0)) for it in items]
+        ),
         "pair_id": [it["pair_id"] for it in items],
         "family": [it["family"] for it in items],
         "audio_emotion": [it.get("audio_emotion", "") for it in items],

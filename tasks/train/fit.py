@@ -418,6 +418,8 @@ def epoch_record(
         "val_acc": val.accuracy,
         "train_emotion": train.emotion,
         "val_emotion": val.emotion,
+        "train_file_bce": train.file,
+        "val_file_bce": val.file,
         "val_auc": val_auc,
         "samples_per_s": train.samples_per_s,
         "batch_size": result.batch_size,

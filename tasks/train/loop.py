@@ -45,13 +45,14 @@ class EpochStats:
     samples: int
     seconds: float
     emotion: float = 0.0
+    file: float = 0.0  # late fusion's per-modality BCE (0 for the other fusions)
 
     @classmethod
     def from_sums(cls, sums: np.ndarray, n: int, seconds: float) -> EpochStats:
-        """From per-sample sums (bce, consistency, emotion, loss, correct); plain floats, so
-        that checkpoints holding them still load with `weights_only=True`."""
-        bce, consistency, emotion, loss, correct = (float(v) / n for v in sums)
-        return cls(bce, consistency, loss, correct, n, float(seconds), emotion)
+        """From per-sample sums (bce, consistency, emotion, file, loss, correct); plain floats,
+        so that checkpoints holding them still load with `weights_only=True`."""
+        bce, consistency, emotion, file, loss, correct = (float(v) / n for v in sums)
+        return cls(bce, consistency, loss, correct, n, float(seconds), emotion, file)
 
     @property
     def samples_per_s(self) -> float:
@@ -96,8 +97,9 @@ def train_step(
     objective: Objective,
     grad_clip: float | None = None,
     amp: bool = False,
-) -> tuple[float, float, float, float, int]:
-    """One optimizer step; returns (bce, consistency, emotion, loss, correct predictions)."""
+) -> tuple[float, float, float, float, float, int]:
+    """One optimizer step; returns (bce, consistency, emotion, file, loss, correct
+    predictions)."""
     audio = batch["audio"].to(device, non_blocking=True)  # (B, 1, M, T)
     image = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
     label = batch["label"].to(device, non_blocking=True)  # (B,)
@@ -116,6 +118,7 @@ def train_step(
         parts.bce.item(),
         parts.consistency.item(),
         parts.emotion.item(),
+        0.0 if parts.file is None else parts.file.item(),
         parts.total.item(),
         correct,
     )
@@ -153,7 +156,7 @@ def train_one_epoch(
     weight `average`, if any, is updated after every step."""
     model.train()
     started = time.perf_counter()
-    totals = np.zeros(5)  # bce x n, consistency x n, emotion x n, loss x n, correct
+    totals = np.zeros(6)  # bce, consistency, emotion, file, loss (each x n), correct
     n_seen = 0
     rows: list[dict[str, Any]] = []
     window = _Window()
@@ -175,7 +178,7 @@ def train_one_epoch(
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(tcfg, done)
             try:
-                bce, cons, emo, loss, correct = train_step(
+                bce, cons, emo, file, loss, correct = train_step(
                     model, part, optimizer, scaler, device, objective, tcfg.grad_clip, amp
                 )
             except torch.OutOfMemoryError:
@@ -192,7 +195,7 @@ def train_one_epoch(
             n_seen += n
             if average is not None:
                 average.update()
-            totals += (bce * n, cons * n, emo * n, loss * n, correct)
+            totals += (bce * n, cons * n, emo * n, file * n, loss * n, correct)
             window.add(n, bce, cons, loss)
             if step % tcfg.log_every == 0 or event is not None:
                 row = window.row(fusion, epoch, step, guard, event)
@@ -277,7 +280,7 @@ def evaluate(
     """Losses and accuracy over `dataset` (no gradients), and the per-sample predictions."""
     started = time.perf_counter()
     parts = []
-    totals = np.zeros(5)  # bce x n, consistency x n, emotion x n, loss x n, correct
+    totals = np.zeros(6)  # bce, consistency, emotion, file, loss (each x n), correct
     for batch, out in infer(model, dataset, device, batch_size, amp):
         label = batch["label"].to(device)
         n = len(label)
@@ -287,6 +290,7 @@ def evaluate(
             float(loss.bce) * n,
             float(loss.consistency) * n,
             float(loss.emotion) * n,
+            0.0 if loss.file is None else float(loss.file) * n,
             float(loss.total) * n,
             correct,
         )

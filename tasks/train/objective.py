@@ -3,6 +3,7 @@
     total = BCE (classes balanced)
           + consistency_weight x consistency
           + emotion_weight x emotion
+          + file_label_weight x file BCE   (late fusion)
 
 - BCE on the fusion's logit; with `training.balance_classes` each class weighs half of the batch
   whatever its share of the train split, so a skewed split does not teach the majority answer.
@@ -12,6 +13,11 @@
   contrastive loss on the cosine similarity of the two embeddings (models.consistency_loss).
 - emotion: the mean cross-entropy of the voice's and the face's emotion classifiers, on the
   samples whose emotion is known (0 without labels).
+- file BCE: late fusion's audio head against the audio file's own label and its image head
+  against the image file's (their folders: audio/fake/, images/real/, ...), on the files whose
+  label is known. A fake pair may fake one modality only; through the fused logit alone a fake's
+  gradient goes mostly to the head already highest, so a head could leave its own modality's
+  fakes to the other. Unweighted: the fused BCE balances the classes.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class LossParts(NamedTuple):
     consistency: Tensor
     emotion: Tensor
     total: Tensor
+    file: Tensor | None = None  # the per-modality heads' BCE; None when not computed
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class Objective:
     consistency_weight: float
     consistency_margin: float
     emotion_weight: float
+    file_label_weight: float = 0.0
     emotions: tuple[str, ...] = ()  # the vocabulary; () = no emotion labels
     real_weight: float = 1.0  # per-sample BCE weights that balance the classes
     fake_weight: float = 1.0
@@ -58,6 +66,7 @@ class Objective:
             consistency_weight=tcfg.consistency_weight,
             consistency_margin=tcfg.consistency_margin,
             emotion_weight=tcfg.emotion_weight if emotions else 0.0,
+            file_label_weight=tcfg.file_label_weight,
             emotions=tuple(emotions),
             real_weight=weights[0],
             fake_weight=weights[1],
@@ -102,7 +111,20 @@ class Objective:
             total = total + self.consistency_weight * consistency
         if self.emotion_weight and self.n_emotions:
             total = total + self.emotion_weight * emotion
-        return LossParts(bce, consistency, emotion, total)
+        file = None
+        if self.file_label_weight and out.file_logits.numel() and "file_label" in batch:
+            file = _known_bce(out.file_logits.float(), batch["file_label"].to(device))
+            total = total + self.file_label_weight * file
+        return LossParts(bce, consistency, emotion, total, file)
+
+
+def _known_bce(logits: Tensor, target: Tensor) -> Tensor:
+    """BCE of (B, M) logits against (B, M) targets over the entries whose target is known
+    (>= 0); 0 when none is."""
+    known = target >= 0
+    if not known.any():
+        return logits.new_zeros(())
+    return F.binary_cross_entropy_with_logits(logits[known], target[known])
 
 
 def _mean_ce(logits: Tensor, target: Tensor) -> Tensor:

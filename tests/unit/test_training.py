@@ -55,7 +55,7 @@ M, T, S = 16, 16, 32  # log-mel bands, frames, image side
 EPOCH_KEYS = {
     "fusion", "epoch", "train_loss", "train_bce", "train_consistency", "train_acc", "val_loss",
     "val_bce", "val_consistency", "val_acc", "samples_per_s", "batch_size", "memory_percent",
-    "seconds", "time", "train_emotion", "val_emotion", "val_auc",
+    "seconds", "time", "train_emotion", "val_emotion", "val_auc", "train_file_bce", "val_file_bce",
 }  # fmt: skip
 STEP_KEYS = {
     "fusion", "epoch", "step", "time", "batch_size", "memory_percent", "samples_per_s", "bce",
@@ -148,9 +148,11 @@ def test_each_fusion_learns_well_above_chance_and_writes_its_files(
     assert ref.best_epoch == best["epoch"] and ref.best_val_auc == best["val_auc"]
     assert ref.best_val_loss == best["val_loss"]
     assert [set(e) for e in epochs] == [EPOCH_KEYS, EPOCH_KEYS]
-    for e in epochs:  # total = bce + 0.5 x consistency, per split; no emotion labels here
-        assert e["train_loss"] == pytest.approx(e["train_bce"] + 0.5 * e["train_consistency"])
-        assert e["val_loss"] == pytest.approx(e["val_bce"] + 0.5 * e["val_consistency"])
+    for e in epochs:  # total = bce + 0.5 x consistency (+ late's file BCE), no emotion labels
+        for split in ("train", "val"):
+            parts = e[f"{split}_bce"] + 0.5 * e[f"{split}_consistency"] + e[f"{split}_file_bce"]
+            assert e[f"{split}_loss"] == pytest.approx(parts)
+            assert (e[f"{split}_file_bce"] > 0) == (fusion == "late")  # only late has the heads
         assert e["train_emotion"] == 0.0 and e["val_emotion"] == 0.0
     steps = jsonl(store, layout.step_log(fusion, "r1"))
     assert all(set(s) == STEP_KEYS for s in steps)
