@@ -476,7 +476,7 @@ def read_manifest(store: Storage, key: str) -> list[PairRow]:
     missing = [n for n in names if n not in table.column_names and n not in LATER_COLUMNS]
     if missing:
         raise DataError(f"{store.uri(key)}: manifest lacks column(s) {', '.join(missing)}")
-    cols = {
+    cols: dict[str, list[Any]] = {
         n: table.column(n).to_pylist()
         if n in table.column_names
         else [LATER_COLUMNS[n]] * table.num_rows

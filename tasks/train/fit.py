@@ -430,21 +430,27 @@ def epoch_record(
 
 
 def log_epoch(record: dict[str, Any], epochs: int, best: bool) -> None:
+    def terms(split: str) -> str:  # the loss's terms; emotion and file only where they count
+        out = f"bce {record[f'{split}_bce']:.4f}, consistency {record[f'{split}_consistency']:.4f}"
+        for name in ("emotion", "file_bce"):
+            value = record.get(f"{split}_{name}", 0.0)
+            if value:
+                out += f", {name.removesuffix('_bce')} {value:.4f}"
+        return out
+
     log.info(
-        "%s epoch %d/%d: train loss %.4f (bce %.4f, consistency %.4f) acc %.3f | val loss %.4f "
-        "(bce %.4f, consistency %.4f) acc %.3f | %.1f samples/s, batch %d, memory %.1f%%, "
-        "%.1f s%s",
+        "%s epoch %d/%d: train loss %.4f (%s) acc %.3f | val loss %.4f (%s) acc %.3f, AUC %s | "
+        "%.1f samples/s, batch %d, memory %.1f%%, %.1f s%s",
         record["fusion"],
         record["epoch"],
         epochs,
         record["train_loss"],
-        record["train_bce"],
-        record["train_consistency"],
+        terms("train"),
         record["train_acc"],
         record["val_loss"],
-        record["val_bce"],
-        record["val_consistency"],
+        terms("val"),
         record["val_acc"],
+        "n/a" if record["val_auc"] is None else f"{record['val_auc']:.4f}",
         record["samples_per_s"],
         record["batch_size"],
         record["memory_percent"],

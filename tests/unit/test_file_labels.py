@@ -4,6 +4,7 @@ and the feature shards to late fusion's per-modality heads, which learn it."""
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from models import FusionOutput, LateFusionModel
 from tasks.data.manifest import read_manifest
 from tasks.data.shards import DeepfakeDataset, collate, decode_shard, encode_shard, read_shard
 from tasks.io.storage import open_storage
+from tasks.train.fit import log_epoch
 from tasks.train.objective import Objective
 from tests.unit.synthetic_data import features_of, generated, load_into, manifest_of, tiny_config
 
@@ -202,3 +204,24 @@ def test_each_head_learns_its_own_modalitys_fakes() -> None:
     assert heads[audio_fake, 0].min() > heads[real, 0].max() + 1.0
     assert heads[image_fake, 1].min() > heads[real, 1].max() + 1.0
     assert heads[audio_fake, 1].max() < 0 and heads[image_fake, 0].max() < 0
+
+
+def test_the_epoch_line_shows_the_file_term_only_where_it_counts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    record = {
+        "fusion": "late", "epoch": 3, "train_loss": 1.5, "train_bce": 0.5,
+        "train_consistency": 0.25, "train_acc": 0.75, "val_loss": 2.0, "val_bce": 0.75,
+        "val_consistency": 0.5, "val_acc": 0.5, "train_emotion": 0.0, "val_emotion": 0.0,
+        "train_file_bce": 0.125, "val_file_bce": 0.0625, "val_auc": 0.875,
+        "samples_per_s": 4.0, "batch_size": 16, "memory_percent": 20.0, "seconds": 80.0,
+    }  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="tasks.train.fit"):
+        log_epoch(record, 15, best=True)
+        log_epoch({**record, "fusion": "mid", "train_file_bce": 0.0, "val_file_bce": 0.0,
+                   "val_auc": None}, 15, best=False)  # fmt: skip
+    late, mid = (r.getMessage() for r in caplog.records)
+    assert "train loss 1.5000 (bce 0.5000, consistency 0.2500, file 0.1250)" in late
+    assert "val loss 2.0000 (bce 0.7500, consistency 0.5000, file 0.0625) acc 0.500" in late
+    assert "AUC 0.8750" in late and late.endswith("(best so far)")
+    assert "file" not in mid and "emotion" not in mid and "AUC n/a" in mid
