@@ -194,6 +194,18 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
                 }
 
 
+class InMemoryShard(DeepfakeDataset):
+    """`DeepfakeDataset`'s evaluation path (no shuffle, no augmentation) over one shard already
+    in memory (`decode_shard`'s arrays): new media scored as the models saw their test split."""
+
+    def __init__(self, shard: dict[str, np.ndarray]) -> None:
+        super().__init__(StorageConfig(), [], shuffle=False, augment=False)
+        self.shard = shard
+
+    def iter_shards(self) -> Iterator[dict[str, np.ndarray]]:
+        yield self.shard
+
+
 MAX_SHIFT = 8  # the log-mel's random time shift is at most 1/MAX_SHIFT of its frames
 
 

@@ -34,7 +34,7 @@ import io
 import json
 import logging
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +45,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from config.schema import ALL_FUSIONS, DataConfig, PipelineConfig, StorageConfig
+from config.schema import ALL_FUSIONS, DataConfig, PipelineConfig
 from tasks.data import manifest as manifests
 from tasks.data.features import preprocessing_settings
-from tasks.data.shards import DeepfakeDataset, decode_shard, encode_shard
+from tasks.data.shards import InMemoryShard, decode_shard, encode_shard
 from tasks.data.workers import Fetched, decode_pair
 from tasks.errors import (
     CheckpointError,
@@ -303,17 +303,6 @@ def _entry(key: str, reason: str, stage: str) -> dict[str, str]:
     return {"key": key, "reason": reason, "stage": stage}
 
 
-class _Decoded(DeepfakeDataset):
-    """`DeepfakeDataset`'s evaluation path over in-memory shards: the samples the models saw."""
-
-    def __init__(self, shard: dict[str, np.ndarray]) -> None:
-        super().__init__(StorageConfig(), [], shuffle=False, augment=False)
-        self.shard = shard
-
-    def iter_shards(self) -> Iterator[dict[str, np.ndarray]]:
-        yield self.shard
-
-
 def _shard(arrays: Sequence[tuple[np.ndarray, np.ndarray]], data: DataConfig) -> dict[str, Any]:
     """A feature shard's arrays, through its own encoding (float16 log-mel, uint8 image)."""
     n = len(arrays)
@@ -375,7 +364,7 @@ def score_pairs(
                     arrays.append((audio, image))
                 if not arrays:
                     continue
-                samples = _Decoded(_shard(arrays, data))
+                samples = InMemoryShard(_shard(arrays, data))  # the samples the models saw
                 for d in members:
                     preds = inference.predict(d.model, samples, device, BATCH)
                     calibrated = calibrated_scores(preds.logit, d.point.temperature)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from config.schema import StorageConfig, TrainingConfig
+from config.schema import TrainingConfig
 from models import FusionOutput, LateFusionModel
 from tasks.data.manifest import read_manifest
-from tasks.data.shards import DeepfakeDataset, collate, decode_shard, encode_shard, read_shard
+from tasks.data.shards import InMemoryShard, collate, decode_shard, encode_shard, read_shard
 from tasks.io.storage import open_storage
 from tasks.train.fit import log_epoch
 from tasks.train.objective import Objective
@@ -102,18 +101,9 @@ def test_shards_default_each_file_to_the_pairs_label_and_check_the_shape() -> No
         tiny_shard(np.zeros((4, 3), np.int8))
 
 
-class OneShard(DeepfakeDataset):
-    def __init__(self, shard: dict[str, np.ndarray]) -> None:
-        super().__init__(StorageConfig(), [], shuffle=False, augment=False)
-        self.shard = shard
-
-    def iter_shards(self) -> Iterator[dict[str, np.ndarray]]:
-        yield self.shard
-
-
 def test_batches_hold_the_file_labels() -> None:
     given = np.array([[0, 0], [1, 0], [0, 1], [-1, -1]], np.int8)
-    batch = collate(list(OneShard(tiny_shard(given))))
+    batch = collate(list(InMemoryShard(tiny_shard(given))))
     assert batch["file_label"].dtype == torch.float32
     assert batch["file_label"].tolist() == given.astype(float).tolist()
 
