@@ -88,12 +88,18 @@ def encode_shard(
 
 
 def decode_shard(data: bytes, where: str = "<shard>") -> dict[str, np.ndarray]:
-    """Read a shard written by `encode_shard`; never unpickles."""
+    """Read a shard written by `encode_shard`; never unpickles. A shard written before
+    `file_label` existed reads its files' labels as unknown (-1)."""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in SHARD_FIELDS}
+            arrays = {name: npz[name] for name in SHARD_FIELDS if name in npz.files}
+            missing = [n for n in SHARD_FIELDS if n not in arrays and n != "file_label"]
+            if missing:
+                raise KeyError(f"no {', '.join(missing)} in the archive")
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(f"{where}: not a readable feature shard ({exc})") from exc
+    if "file_label" not in arrays:
+        arrays["file_label"] = np.full((len(arrays["label"]), 2), -1, dtype=np.int8)
     return arrays
 
 

@@ -16,6 +16,7 @@ from config.schema import TrainingConfig
 from models import FusionOutput, LateFusionModel
 from tasks.data.manifest import read_manifest
 from tasks.data.shards import InMemoryShard, collate, decode_shard, encode_shard, read_shard
+from tasks.errors import DataError
 from tasks.io.storage import open_storage
 from tasks.train.fit import log_epoch
 from tasks.train.objective import Objective
@@ -99,6 +100,19 @@ def test_shards_default_each_file_to_the_pairs_label_and_check_the_shape() -> No
     assert tiny_shard(given)["file_label"].tolist() == given.tolist()
     with pytest.raises(ValueError, match="file_label has shape"):
         tiny_shard(np.zeros((4, 3), np.int8))
+
+
+def test_a_shard_written_before_the_file_labels_reads_them_as_unknown() -> None:
+    shard = tiny_shard(None)
+    buf = io.BytesIO()
+    np.savez(buf, **{k: v for k, v in shard.items() if k != "file_label"})
+    old = decode_shard(buf.getvalue(), "old.npz")
+    assert old["file_label"].tolist() == [[-1, -1]] * 4 and old["file_label"].dtype == np.int8
+    assert old["label"].tolist() == [0, 1, 1, 1]
+    buf = io.BytesIO()
+    np.savez(buf, **{k: v for k, v in shard.items() if k not in ("file_label", "family")})
+    with pytest.raises(DataError, match=r"old\.npz: not a readable feature shard .*family"):
+        decode_shard(buf.getvalue(), "old.npz")
 
 
 def test_batches_hold_the_file_labels() -> None:
