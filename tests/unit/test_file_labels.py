@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from config.schema import TrainingConfig
+from config.schema import PipelineConfig, TrainingConfig
 from models import FusionOutput, LateFusionModel
 from tasks.data.manifest import read_manifest
 from tasks.data.shards import InMemoryShard, collate, decode_shard, encode_shard, read_shard
 from tasks.errors import DataError
-from tasks.io.storage import open_storage
+from tasks.io.storage import Storage, open_storage
 from tasks.train.fit import log_epoch
 from tasks.train.objective import Objective
 from tests.unit.synthetic_data import features_of, generated, load_into, manifest_of, tiny_config
@@ -33,12 +33,19 @@ def bench() -> dict[str, bytes]:
     return generated(28, seed=5)  # 14 fakes over the 7 families: every family twice
 
 
-def test_manifest_and_shards_carry_each_files_folder_label(
-    tmp_path: Path, bench: dict[str, bytes]
-) -> None:
+@pytest.fixture
+def loaded(tmp_path: Path, bench: dict[str, bytes]) -> tuple[PipelineConfig, Storage]:
+    """A local bucket holding the benchmark (with its pairs.csv)."""
     cfg = tiny_config("local", tmp_path)
     store = open_storage(cfg.storage)
     load_into(store, bench)
+    return cfg, store
+
+
+def test_manifest_and_shards_carry_each_files_folder_label(
+    loaded: tuple[PipelineConfig, Storage],
+) -> None:
+    cfg, store = loaded
     manifest = manifest_of(store, cfg, "r1")
     rows = read_manifest(store, manifest.key)
     for r in rows:
@@ -63,12 +70,19 @@ def test_manifest_and_shards_carry_each_files_folder_label(
     assert seen == len(rows)
 
 
-def test_a_manifest_written_before_the_file_labels_reads_them_as_unknown(
-    tmp_path: Path, bench: dict[str, bytes]
+def test_without_pairs_csv_both_files_of_a_pair_have_its_label(
+    loaded: tuple[PipelineConfig, Storage],
 ) -> None:
-    cfg = tiny_config("local", tmp_path)
-    store = open_storage(cfg.storage)
-    load_into(store, bench)
+    cfg, store = loaded
+    store.delete("dataset/pairs.csv")
+    rows = read_manifest(store, manifest_of(store, cfg, "r2").key)
+    assert rows and all(r.audio_label == r.image_label == r.label for r in rows)
+
+
+def test_a_manifest_written_before_the_file_labels_reads_them_as_unknown(
+    loaded: tuple[PipelineConfig, Storage],
+) -> None:
+    cfg, store = loaded
     key = manifest_of(store, cfg, "old").key
     table = pq.read_table(io.BytesIO(store.read_bytes(key)))
     old = table.drop_columns(["audio_label", "image_label"])
