@@ -61,7 +61,7 @@ from tasks.refs import FeatureRef, ManifestRef
 
 log = logging.getLogger(__name__)
 
-FEATURE_FORMAT = 3  # bump when the decoders change what they produce: old caches are then unused
+FEATURE_FORMAT = 3  # bump when what the shards hold changes (3: file_label); old caches go unused
 
 
 # --------------------------------------------------------------------------------------------
