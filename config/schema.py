@@ -181,8 +181,9 @@ class TrainingConfig(Section):
     # Weight of the emotion classifiers' cross-entropy (voice and face, when pairs.csv gives
     # emotion / image_emotion); 0 turns the emotion heads off.
     emotion_weight: Annotated[float, Field(ge=0)] = 0.5
-    # Weight of late fusion's per-modality BCE: its audio head learns the audio file's own label
-    # and its image head the image file's (from their real/ and fake/ folders); 0 turns it off.
+    # Weight of the per-modality BCE: each fusion's audio head learns the audio file's own label
+    # and its image head the image file's (from their real/ and fake/ folders); late fusion's
+    # decision combines these heads, early's and mid's are auxiliary; 0 turns it off.
     file_label_weight: Annotated[float, Field(ge=0)] = 1.0
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = CUDA when present
     mixed_precision: bool = True  # autocast on CUDA; ignored on the CPU

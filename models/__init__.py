@@ -15,6 +15,7 @@ from models.consistency import consistency_loss, emotional_consistency
 from models.fusion import (
     LATE_RULES,
     NO_EMOTIONS,
+    TRAINING_ONLY,
     EarlyFusionModel,
     FusionOutput,
     LateFusionModel,
@@ -30,6 +31,7 @@ __all__ = [
     "FUSIONS",
     "LATE_RULES",
     "NO_EMOTIONS",
+    "TRAINING_ONLY",
     "AudioModel",
     "Dropout",
     "EarlyFusionModel",

@@ -10,6 +10,15 @@ image emotion embeddings (B, D) that the consistency loss compares.
 - late: each modality has its own encoder and classifier; the two predictions are combined by a
   configured rule (mean or max of the probabilities) or a learned weighting of the two logits.
 
+Every fusion also returns per-modality "is this file fake" logits (`file_logits`), which training
+teaches each file's own label (training.file_label_weight): in late fusion they are the audio and
+image heads whose logits it combines; in early and mid fusion auxiliary heads on the parts that
+see one modality alone (early: the log-mel stem and the image branch on the image stem; mid: the
+two embeddings), never read by the decision. A fake pair may fake one modality only; through the
+fused BCE alone, one modality's evidence can stay unlearned for many epochs (early fusion at 224
+px sat near chance for seven epochs on one seed), while the per-file label teaches each
+modality's features directly.
+
 Emotional consistency reaches every decision. With `n_emotions` > 0 (emotion labels known), each
 modality's embedding also feeds an emotion classifier, and the agreement of the two (the
 probability that voice and face show the same emotion, `emotion_agreement`) is an input of the
@@ -53,8 +62,8 @@ class FusionOutput(NamedTuple):
     image_emb: Tensor  # (B, D) image emotion embedding
     audio_emotion: Tensor = NO_EMOTIONS  # (B, K) emotion logits of the voice; (0, 0) without heads
     image_emotion: Tensor = NO_EMOTIONS  # (B, K) emotion logits of the face
-    # (B, 2) late fusion's audio and image heads' own logits, each taught its own file's label
-    # (training.file_label_weight); (0, 0) for the fusions without per-modality decisions
+    # (B, 2) the audio and image file's own "fake" logits, each taught its own file's label
+    # (training.file_label_weight); (0, 0) for a model without per-modality heads
     file_logits: Tensor = NO_EMOTIONS
 
 
@@ -82,6 +91,16 @@ class EmotionHeads(nn.Module):
             return ((1.0 + cos) / 2.0).clamp(0.0, 1.0), NO_EMOTIONS, NO_EMOTIONS
         a, i = self.audio(audio_emb), self.image(image_emb)  # (B, K) each
         return emotion_agreement(a, i), a, i
+
+
+def file_head(width: int) -> nn.Sequential:
+    """One modality's "this file is fake" logit from its (B, width) features: (B, 1)."""
+    return nn.Sequential(nn.ReLU(), Dropout(0.2), nn.Linear(width, 1))
+
+
+# Parameters that only training reads (the auxiliary per-file heads of early and mid fusion):
+# a model file written before they existed loads without them, since no score depends on them.
+TRAINING_ONLY = ("audio_file_head.", "image_file_head.")
 
 
 def _check_inputs(audio: Tensor, image: Tensor) -> None:
@@ -173,6 +192,10 @@ class EarlyFusionModel(nn.Module):
 
     Five of ResNet18's seventeen weighted layers see the image alone, two the audio alone; every
     other layer reads both, so the decision is made on the joined inputs: the fusion is early.
+    Two auxiliary heads, one on the log-mel stem and one on the image branch (which reads the
+    image stem), give `file_logits`, each taught its own file's label, so each stem learns its
+    modality's artefacts from the first epoch instead of only through the joint trunk; the
+    decision never reads them.
     The trunk is ResNet18's own, so `model.pretrained_image_weights` fills the image stem and the
     trunk (the widened inputs' audio channels start at zero). The emotion embeddings that the
     consistency signal compares come from encoders of their own: an `AudioModel` (CNN + LSTM:
@@ -207,6 +230,11 @@ class EarlyFusionModel(nn.Module):
         self.emotions = EmotionHeads(embedding_dim, n_emotions)
         self.classifier = nn.Sequential(Dropout(0.2), nn.Linear(RESNET_FEATURES + 1, 1))
         self.consistency = ConsistencyHead()
+        stem = AUDIO_STEM_CHANNELS[-1]
+        self.audio_file_head = nn.Sequential(
+            conv_block(stem, 2 * stem), nn.AdaptiveAvgPool2d(1), nn.Flatten(), file_head(2 * stem)
+        )
+        self.image_file_head = file_head(embedding_dim)
 
     def forward(self, audio: Tensor, image: Tensor) -> FusionOutput:
         _check_inputs(audio, image)
@@ -221,11 +249,14 @@ class EarlyFusionModel(nn.Module):
         agree, audio_emo, image_emo = self.emotions(audio_emb, image_emb)
         logit = self.classifier(torch.cat([joint, agree[:, None]], dim=1)).squeeze(1)  # (B,)
         logit = self.consistency(logit, agree)
-        return _output(logit, audio_emb, image_emb, audio_emo, image_emo)
+        files = torch.cat([self.audio_file_head(audio_feats), self.image_file_head(image_emb)], 1)
+        return _output(logit, audio_emb, image_emb, audio_emo, image_emo, files)  # files: (B, 2)
 
 
 class MidFusionModel(nn.Module):
-    """Audio and image embeddings concatenated -> dense layers -> one logit."""
+    """Audio and image embeddings concatenated -> dense layers -> one logit. An auxiliary head on
+    each embedding gives `file_logits`, each taught its own file's label; the decision never
+    reads them."""
 
     def __init__(
         self,
@@ -244,6 +275,8 @@ class MidFusionModel(nn.Module):
             nn.Linear(embedding_dim, 1),
         )
         self.consistency = ConsistencyHead()
+        self.audio_file_head = file_head(embedding_dim)
+        self.image_file_head = file_head(embedding_dim)
 
     def forward(self, audio: Tensor, image: Tensor) -> FusionOutput:
         _check_inputs(audio, image)
@@ -252,7 +285,8 @@ class MidFusionModel(nn.Module):
         agree, audio_emo, image_emo = self.emotions(audio_emb, image_emb)
         joined = torch.cat([audio_emb, image_emb, agree[:, None]], dim=1)  # (B, 2D + 1)
         logit = self.consistency(self.head(joined).squeeze(1), agree)  # (B,)
-        return _output(logit, audio_emb, image_emb, audio_emo, image_emo)
+        files = torch.cat([self.audio_file_head(audio_emb), self.image_file_head(image_emb)], 1)
+        return _output(logit, audio_emb, image_emb, audio_emo, image_emo, files)  # files: (B, 2)
 
 
 LATE_RULES = ("learned", "mean", "max")
@@ -283,8 +317,8 @@ class LateFusionModel(nn.Module):
         self.audio = AudioModel(embedding_dim)
         self.image = ImageModel(embedding_dim, pretrained)
         self.emotions = EmotionHeads(embedding_dim, n_emotions)
-        self.audio_head = nn.Sequential(nn.ReLU(), Dropout(0.2), nn.Linear(embedding_dim, 1))
-        self.image_head = nn.Sequential(nn.ReLU(), Dropout(0.2), nn.Linear(embedding_dim, 1))
+        self.audio_head = file_head(embedding_dim)
+        self.image_head = file_head(embedding_dim)
         self.consistency_head = ConsistencyHead()  # agreement in [0, 1] -> logit of "fake"
         self.scale = nn.Parameter(torch.ones(3))  # the "learned" rule's per-head scale ...
         self.offset = nn.Parameter(torch.zeros(3))  # ... and offset

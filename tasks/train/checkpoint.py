@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from config.schema import ModelConfig, PipelineConfig
-from models import FUSIONS, build_model
+from models import FUSIONS, TRAINING_ONLY, build_model
 from models.image import load_resnet_weights, resnet_trunk
 from tasks.errors import CheckpointError, ConfigError, ObjectNotFound
 from tasks.io.layout import Layout
@@ -129,9 +129,16 @@ def load_model(data: bytes, where: str) -> tuple[nn.Module, dict[str, Any]]:
         raise CheckpointError(f"{where}: its emotion vocabulary is not a list of names")
     model = build_model(fusion, cfg, n_emotions=len(emotions))
     try:
-        model.load_state_dict(obj["state_dict"])
+        missing, unexpected = model.load_state_dict(obj["state_dict"], strict=False)
     except RuntimeError as exc:
         raise CheckpointError(f"{where}: weights do not fit the {fusion} model ({exc})") from exc
+    # a model written before the training-only heads existed scores the same without them
+    missing = [k for k in missing if not k.startswith(TRAINING_ONLY)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: weights do not fit the {fusion} model "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
     model.eval()
     return model, {k: v for k, v in obj.items() if k != "state_dict"}
 

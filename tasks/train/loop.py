@@ -45,7 +45,7 @@ class EpochStats:
     samples: int
     seconds: float
     emotion: float = 0.0
-    file: float = 0.0  # late fusion's per-modality BCE (0 for the other fusions)
+    file: float = 0.0  # the per-modality heads' BCE (0 when training.file_label_weight is 0)
 
     @classmethod
     def from_sums(cls, sums: np.ndarray, n: int, seconds: float) -> EpochStats:

@@ -3,7 +3,7 @@
     total = BCE (classes balanced)
           + consistency_weight x consistency
           + emotion_weight x emotion
-          + file_label_weight x file BCE   (late fusion)
+          + file_label_weight x file BCE
 
 - BCE on the fusion's logit; with `training.balance_classes` each class weighs half of the batch
   whatever its share of the train split, so a skewed split does not teach the majority answer.
@@ -13,11 +13,14 @@
   contrastive loss on the cosine similarity of the two embeddings (models.consistency_loss).
 - emotion: the mean cross-entropy of the voice's and the face's emotion classifiers, on the
   samples whose emotion is known (0 without labels).
-- file BCE: late fusion's audio head against the audio file's own label and its image head
-  against the image file's (their folders: audio/fake/, images/real/, ...), on the files whose
-  label is known. A fake pair may fake one modality only; through the fused logit alone a fake's
-  gradient goes mostly to the head already highest, so a head could leave its own modality's
-  fakes to the other. Unweighted: the fused BCE balances the classes.
+- file BCE: the model's audio head (`FusionOutput.file_logits`) against the audio file's own
+  label and its image head against the image file's (their folders: audio/fake/, images/real/,
+  ...), on the files whose label is known. A fake pair may fake one modality only; through the
+  fused logit alone a fake's gradient goes mostly to the part already leading (late fusion's
+  highest head), or reaches one modality's layers only through the joint ones (early fusion's
+  stems), so a modality's own fakes could stay unlearned. Late fusion's heads are the ones its
+  decision combines; early's and mid's are auxiliary. Unweighted: the fused BCE balances the
+  classes.
 """
 
 from __future__ import annotations

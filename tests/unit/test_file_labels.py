@@ -1,5 +1,5 @@
 """Each file's own label (its real/ or fake/ folder) travels from the listing through the manifest
-and the feature shards to late fusion's per-modality heads, which learn it."""
+and the feature shards to each fusion's per-modality heads, which learn it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from config.schema import PipelineConfig, TrainingConfig
-from models import FusionOutput, LateFusionModel
+from models import (
+    TRAINING_ONLY,
+    EarlyFusionModel,
+    FusionOutput,
+    LateFusionModel,
+    MidFusionModel,
+    build_model,
+)
 from tasks.data.manifest import read_manifest
 from tasks.data.shards import InMemoryShard, collate, decode_shard, encode_shard, read_shard
 from tasks.errors import DataError
@@ -190,12 +197,53 @@ def test_late_fusion_returns_its_audio_and_image_heads_logits() -> None:
     assert torch.allclose(out.file_logits, heads[:, :2])
 
 
-def test_each_head_learns_its_own_modalitys_fakes() -> None:
+@pytest.mark.parametrize("model_class", [EarlyFusionModel, MidFusionModel])
+def test_early_and_mid_fusion_have_auxiliary_file_heads_the_decision_never_reads(
+    model_class: type[torch.nn.Module],
+) -> None:
+    torch.manual_seed(0)
+    model = model_class(embedding_dim=16).eval()
+    audio, image = torch.randn(3, 1, 16, 16), torch.rand(3, 3, 32, 32)
+    out = model(audio, image)
+    assert out.file_logits.shape == (3, 2)
+    heads = [m for name, m in model.named_children() if f"{name}." in TRAINING_ONLY]
+    assert len(heads) == 2
+    with torch.no_grad():
+        for head in heads:
+            for p in head.parameters():
+                p.add_(1.0)
+    again = model(audio, image)
+    assert torch.equal(again.logit, out.logit)  # the decision does not read them ...
+    assert not torch.equal(again.file_logits, out.file_logits)  # ... the file logits are theirs
+
+
+def test_early_fusions_file_heads_teach_both_stems() -> None:
+    """The file term alone reaches the log-mel stem and the image stem: what each stem learns
+    from its own file's label, before the joint trunk has learned to read it."""
+    torch.manual_seed(0)
+    model = EarlyFusionModel(embedding_dim=16)
+    audio, image = torch.randn(4, 1, 16, 16), torch.rand(4, 3, 32, 32)
+    batch = {
+        "label": torch.tensor([0.0, 1.0, 1.0, 0.0]),
+        "file_label": torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]),
+    }
+    parts = objective(1.0)(model(audio, image), batch, torch.device("cpu"))
+    assert parts.file is not None
+    parts.file.backward()
+    for stem in (model.audio_stem, model.image_stem):
+        grads = [p.grad for p in stem.parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in model.joint.parameters())  # the trunk is not its path
+
+
+@pytest.mark.parametrize("fusion", ["early", "mid", "late"])
+def test_each_head_learns_its_own_modalitys_fakes(fusion: str) -> None:
     """Audio-only fakes (a loud band in the log-mel) and image-only fakes (a bright patch):
     with the file term the audio head separates the audio fakes from the real pairs and the
     image head the image fakes, each calling the other modality's fakes real. Without it (seen
-    on this batch: weight 0) the image head memorises the audio fakes' images as fake too and the
-    audio head scores audio fakes as low as real pairs: whichever head leads takes every fake."""
+    on this batch for late: weight 0) the image head memorises the audio fakes' images as fake
+    too and the audio head scores audio fakes as low as real pairs: whichever head leads takes
+    every fake."""
     torch.manual_seed(0)
     n = 24
     kind = torch.tensor([0, 0, 1, 2] * (n // 4))  # 0 real, 1 audio-only fake, 2 image-only fake
@@ -207,7 +255,7 @@ def test_each_head_learns_its_own_modalitys_fakes() -> None:
         "label": (kind > 0).float(),
         "file_label": torch.stack([(kind == 1).float(), (kind == 2).float()], dim=1),
     }
-    model = LateFusionModel(embedding_dim=16)
+    model = build_model(fusion, PipelineConfig.model_validate({"model": {"embedding_dim": 16}}))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     loss_of = objective(1.0)
     for _ in range(40):

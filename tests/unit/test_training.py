@@ -27,7 +27,7 @@ from torchvision.models import resnet18
 from config.load import validate_config
 from config.schema import PipelineConfig
 from flows.steps import collect_losses, train_fusion_task
-from models import FusionOutput, build_model
+from models import TRAINING_ONLY, FusionOutput, build_model
 from tasks.data.shards import DeepfakeDataset, write_shard
 from tasks.errors import CheckpointError, ConfigError, DataError
 from tasks.evaluate.inference import predict
@@ -148,11 +148,11 @@ def test_each_fusion_learns_well_above_chance_and_writes_its_files(
     assert ref.best_epoch == best["epoch"] and ref.best_val_auc == best["val_auc"]
     assert ref.best_val_loss == best["val_loss"]
     assert [set(e) for e in epochs] == [EPOCH_KEYS, EPOCH_KEYS]
-    for e in epochs:  # total = bce + 0.5 x consistency (+ late's file BCE), no emotion labels
+    for e in epochs:  # total = bce + 0.5 x consistency + file BCE, no emotion labels
         for split in ("train", "val"):
             parts = e[f"{split}_bce"] + 0.5 * e[f"{split}_consistency"] + e[f"{split}_file_bce"]
             assert e[f"{split}_loss"] == pytest.approx(parts)
-            assert (e[f"{split}_file_bce"] > 0) == (fusion == "late")  # only late has the heads
+            assert e[f"{split}_file_bce"] > 0  # every fusion has per-modality heads
         assert e["train_emotion"] == 0.0 and e["val_emotion"] == 0.0
     steps = jsonl(store, layout.step_log(fusion, "r1"))
     assert all(set(s) == STEP_KEYS for s in steps)
@@ -377,6 +377,35 @@ def test_model_files_load_weights_only_and_anything_else_is_refused(tmp_path: Pa
     for message, blob in cases:
         with pytest.raises(CheckpointError, match=f"^bad.pt: {message}"):
             load_model(blob, "bad.pt")
+
+
+@pytest.mark.parametrize("fusion", ["early", "mid"])
+def test_a_model_file_written_before_the_auxiliary_file_heads_loads_and_scores_the_same(
+    tmp_path: Path, fusion: str
+) -> None:
+    """Champions saved before early and mid fusion had per-file heads still score new media: the
+    heads only train, so their absence is allowed, and nothing else's."""
+    cfg = make_cfg(str(tmp_path))
+    store = open_storage(cfg.storage)
+    torch.manual_seed(0)
+    model = build_model(fusion, cfg).eval()
+    save_model(store, "new.pt", model, cfg, fusion, 1, 0.5)
+    old = torch.load(io.BytesIO(store.read_bytes("new.pt")), weights_only=True)
+    state = {k: v for k, v in old["state_dict"].items() if not k.startswith(TRAINING_ONLY)}
+    assert len(state) < len(old["state_dict"])
+
+    def saved(weights: dict[str, torch.Tensor]) -> bytes:
+        buf = io.BytesIO()
+        torch.save({**old, "state_dict": weights}, buf)
+        return buf.getvalue()
+
+    loaded, _ = load_model(saved(state), "old.pt")
+    audio, image = torch.randn(2, 1, 16, 16), torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(audio, image).score, model(audio, image).score)
+    other = next(k for k in state if k.startswith("consistency."))
+    with pytest.raises(CheckpointError, match=f"weights do not fit the {fusion} model.*{other}"):
+        load_model(saved({k: v for k, v in state.items() if k != other}), "old.pt")
 
 
 def test_pretrained_image_weights_from_a_local_file_or_a_bucket_key(tmp_path: Path) -> None:
