@@ -175,6 +175,12 @@ class TrainingConfig(Section):
     # Augmentations that keep artefacts: random horizontal flips and random crops (crop mode)
     # of the image, a random time shift of the log-mel; never a blurring resize.
     augment: bool = True
+    # With augment, this share of the training pairs with a fake voice and a real picture sees a
+    # self-blended pseudo-fake of the picture instead (a region resampled, re-coloured, blurred,
+    # sharpened, re-noised or shifted, then blended back in; tasks/data/pseudofake.py),
+    # labelled a fake image for the image heads; the pair's label stays fake. The image branch
+    # learns what manipulations share, not only the bucket's own generators' traces. 0 = off.
+    pseudo_fake_rate: Annotated[float, Field(ge=0, le=1)] = 0.5
     epochs: PositiveInt = 5  # passes over the training split
     consistency_weight: Annotated[float, Field(ge=0)] = 0.1  # lambda; 0 disables the signal
     consistency_margin: Annotated[float, Field(ge=-1, le=1)] = 0.0  # fake pairs pushed below it

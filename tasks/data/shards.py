@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from config.schema import StorageConfig
+from tasks.data.pseudofake import self_blend
 from tasks.errors import DataError
 from tasks.io.storage import Storage, open_storage
 
@@ -119,8 +120,11 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
     label float32 scalar (1 = fake), file_label float32 (2,) (the audio's and the image's own
     label, -1 unknown), pair_id str, family str, audio_emotion and image_emotion
     str ("" = unknown). Crop-mode shards hold larger native squares: the centre S x S is taken,
-    or with `augment` (training) a random one, plus the augmentations of `_augment`. Storage is
-    opened in `__iter__` (boto3 clients must not cross a fork); shards are split between
+    or with `augment` (training) a random one, plus the augmentations of `_augment`. With
+    `augment` and a `pseudo_fake_rate`, that share of the pairs with a fake voice and a real
+    picture get a self-blended pseudo-fake of the picture instead (tasks/data/pseudofake.py) and
+    an image file_label of 1; the pair's label stays 1. Storage
+    is opened in `__iter__` (boto3 clients must not cross a fork); shards are split between
     DataLoader workers.
     """
 
@@ -132,9 +136,11 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
         seed: int = 0,
         n_samples: int | None = None,
         augment: bool = False,
+        pseudo_fake_rate: float = 0.0,
     ) -> None:
         self.storage_cfg = storage_cfg
         self.augment = augment
+        self.pseudo_fake_rate = pseudo_fake_rate if augment else 0.0
         self.shard_keys = list(shard_keys)
         self.shuffle = shuffle
         self.seed = seed
@@ -184,6 +190,13 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
             for i in order:
                 audio = shard["audio"][i].astype(np.float32)  # (1, M, T)
                 image = shard["image"][i]  # (3, C, C) uint8
+                label = float(shard["label"][i])
+                file_label = shard["file_label"][i].astype(np.float32)
+                family = str(shard["family"][i])
+                if file_label[0] == 1 and file_label[1] == 0 and self.pseudo_fake_rate:
+                    if augment.random() < self.pseudo_fake_rate:  # drawn only when asked for
+                        image = self_blend(image, augment)
+                        file_label[1] = 1.0
                 if self.augment:
                     audio, image = _augment(audio, image, crop, augment)
                 elif crop:
@@ -191,10 +204,10 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
                 yield {
                     "audio": torch.from_numpy(np.ascontiguousarray(audio)),
                     "image": torch.from_numpy(image.astype(np.float32) / 255.0),  # [0, 1]
-                    "label": torch.tensor(float(shard["label"][i]), dtype=torch.float32),
-                    "file_label": torch.from_numpy(shard["file_label"][i].astype(np.float32)),
+                    "label": torch.tensor(label, dtype=torch.float32),
+                    "file_label": torch.from_numpy(file_label),
                     "pair_id": str(shard["pair_id"][i]),
-                    "family": str(shard["family"][i]),
+                    "family": family,
                     "audio_emotion": str(shard["audio_emotion"][i]),
                     "image_emotion": str(shard["image_emotion"][i]),
                 }

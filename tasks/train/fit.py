@@ -315,6 +315,7 @@ def make_datasets(
         seed=cfg.run.seed,
         n_samples=sizes["train"],
         augment=cfg.training.augment,
+        pseudo_fake_rate=cfg.training.pseudo_fake_rate,
     )
     val = DeepfakeDataset(cfg.storage, features.shards["val"], n_samples=sizes["val"])
     return train, val

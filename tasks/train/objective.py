@@ -20,7 +20,9 @@
   highest head), or reaches one modality's layers only through the joint ones (early fusion's
   stems), so a modality's own fakes could stay unlearned. Late fusion's heads are the ones its
   decision combines; early's and mid's are auxiliary. Unweighted: the fused BCE balances the
-  classes.
+  classes. With `training.pseudo_fake_rate`, some fake-voice pairs' real pictures arrive as
+  self-blended pseudo-fakes with an image label of 1 (tasks/data/pseudofake.py), so the image
+  heads also learn what manipulated faces share, not only the bucket's own generators' traces.
 """
 
 from __future__ import annotations

@@ -1,0 +1,118 @@
+"""Pseudo-fake faces for training: a real picture made fake by blending an altered copy of
+itself back into a region of it (after "self-blended images", Shiohara and Yamasaki, CVPR 2022).
+
+A detector trained only on the fakes in its bucket learns those generators' traces and misses
+other generators' (the quality benchmark's leave-one-family-out figures show it). What every
+face manipulation shares is a region whose pixels went through a different process than the
+rest: resampled, re-coloured, blurred or sharpened, re-noised, slightly misaligned, then blended
+in along a seam. A pseudo-fake is exactly that and nothing else (same person, same expression,
+same lighting), so the only way to tell it from its source is the trace of the process: the
+evidence that generalises.
+
+`self_blend` alters a copy of the image with one to three of those processes, each drawn from
+`rng`, and blends it in through a soft elliptical mask of random size, place, softness and
+strength. It works on the shard's uint8 (3, H, W) pictures before the training crop.
+`DeepfakeDataset` shows one to a share (`training.pseudo_fake_rate`) of the training pairs with
+a fake voice and a real picture, with an image label of 1: the per-modality image heads learn
+it, and the pair, fake already, keeps its label, so the real class and the decision's balance
+stay as they were. Emotion-mismatch pairs keep their real faces: there the decision must learn
+the emotions' disagreement, not a trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+# PIL's resampling filters, for the way down and the way back up.
+_FILTERS = (
+    Image.Resampling.NEAREST,
+    Image.Resampling.BOX,
+    Image.Resampling.BILINEAR,
+    Image.Resampling.BICUBIC,
+    Image.Resampling.LANCZOS,
+)
+
+
+def self_blend(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A pseudo-fake of `image` (uint8 (3, H, W)): same shape and dtype."""
+    face = np.ascontiguousarray(image.transpose(1, 2, 0))  # (H, W, 3) uint8
+    h, w = face.shape[:2]
+    source = face.astype(np.float32)
+    n = int(rng.integers(1, 4))
+    for k in rng.choice(len(_ALTERATIONS), size=n, replace=False):
+        source = _ALTERATIONS[k](source, rng)
+    mask = _mask(h, w, rng)[..., None]
+    out = face.astype(np.float32) * (1 - mask) + source * mask
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8).transpose(2, 0, 1)
+
+
+def _resample(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Down to 35-80% of the size and back up, with any of PIL's filters each way: the
+    interpolation grid an upsampling generator or a pasted, rescaled face leaves."""
+    h, w = x.shape[:2]
+    scale = rng.uniform(0.35, 0.8)
+    small = (max(2, int(round(w * scale))), max(2, int(round(h * scale))))
+    down, up = (_FILTERS[int(i)] for i in rng.integers(0, len(_FILTERS), size=2))
+    img = Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
+    return np.asarray(img.resize(small, down).resize((w, h), up), dtype=np.float32)
+
+
+def _recolour(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A per-channel gain and offset: the tone mismatch of a face from another picture."""
+    gain = rng.uniform(0.85, 1.15, 3).astype(np.float32)
+    offset = rng.uniform(-15.0, 15.0, 3).astype(np.float32)
+    return x * gain + offset
+
+
+def _blur(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A Gaussian blur (sigma 0.5-1.5 px): a smoother, lower-detail region."""
+    return ndimage.gaussian_filter(x, sigma=(rng.uniform(0.5, 1.5),) * 2 + (0,))
+
+
+def _sharpen(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An unsharp mask: over-crisp edges."""
+    soft = ndimage.gaussian_filter(x, sigma=(1.0, 1.0, 0))
+    return x + rng.uniform(0.5, 1.5) * (x - soft)
+
+
+def _renoise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Fresh Gaussian noise (sigma 2-8 grey levels): grain that differs from the rest."""
+    return x + rng.normal(0.0, rng.uniform(2.0, 8.0), x.shape).astype(np.float32)
+
+
+def _shift(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A shift by 1 px to 3% of the size, in each direction: the misalignment of a pasted
+    face (never none, or the pseudo-fake could be its source)."""
+    h, w = x.shape[:2]
+    dy, dx = (int(rng.integers(1, max(1, s * 3 // 100) + 1) * rng.choice([-1, 1])) for s in (h, w))
+    return np.roll(x, (dy, dx), axis=(0, 1))
+
+
+_ALTERATIONS: tuple[Callable[[np.ndarray, np.random.Generator], np.ndarray], ...] = (
+    _resample,
+    _recolour,
+    _blur,
+    _sharpen,
+    _renoise,
+    _shift,
+)
+
+
+def _mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """(H, W) float32 in [0, 1]: a rotated ellipse covering 15-80% of the picture's width,
+    around its middle, softened by 0-5% of the size and scaled by a strength of 0.6-1."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    cy, cx = h * rng.uniform(0.35, 0.65), w * rng.uniform(0.35, 0.65)
+    ry, rx = h * rng.uniform(0.15, 0.4), w * rng.uniform(0.15, 0.4)
+    angle = rng.uniform(0, np.pi)
+    u = ((x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)) / rx
+    v = (-(x - cx) * np.sin(angle) + (y - cy) * np.cos(angle)) / ry
+    mask = (u**2 + v**2 <= 1.0).astype(np.float32)
+    soft = rng.uniform(0.0, 0.05) * min(h, w)
+    if soft > 0.3:
+        mask = ndimage.gaussian_filter(mask, sigma=soft)
+    return mask * np.float32(rng.uniform(0.6, 1.0))

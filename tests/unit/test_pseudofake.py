@@ -1,0 +1,125 @@
+"""Self-blended pseudo-fakes: a real face with an altered copy of itself blended into a region,
+shown instead of the real face of some fake training pairs (`training.pseudo_fake_rate`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from config.schema import PipelineConfig, TrainingConfig
+from tasks.data.pseudofake import self_blend
+from tasks.data.shards import DeepfakeDataset, write_shard
+from tasks.io.storage import open_storage
+
+
+def textured(side: int, seed: int = 0) -> np.ndarray:
+    """A (3, side, side) uint8 picture with detail at every scale: smooth gradients plus grain."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:side, 0:side] / side
+    base = np.stack([80 + 100 * x, 60 + 120 * y, 150 - 80 * x * y])
+    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("side", [32, 64])
+def test_self_blend_alters_the_middle_and_leaves_the_corners(side: int) -> None:
+    image = textured(side)
+    corners = (slice(0, 3), slice(-3, None))
+    for seed in range(60):
+        out = self_blend(image, np.random.default_rng(seed))
+        assert out.shape == image.shape and out.dtype == np.uint8
+        diff = np.abs(out.astype(int) - image.astype(int))
+        assert diff.sum() > 0, f"seed {seed}: the pseudo-fake is its own source"
+        for rows in corners:
+            for cols in corners:
+                assert diff[:, rows, cols].max() <= 3, f"seed {seed}: a corner changed"
+        # The change sits in a region: some pixels far more altered than the picture's mean.
+        assert diff.max() > 4 * diff.mean()
+
+
+def test_self_blend_is_reproducible_and_varies_with_the_stream() -> None:
+    image = textured(48, seed=1)
+    first = self_blend(image, np.random.default_rng(7))
+    assert np.array_equal(first, self_blend(image, np.random.default_rng(7)))
+    others = [self_blend(image, np.random.default_rng(s)) for s in range(8, 12)]
+    assert all(not np.array_equal(first, o) for o in others)
+
+
+# A shard of 4 kinds of pair: (label, audio file label, image file label, family).
+KINDS = (
+    (0, 0, 0, "real"),
+    (1, 1, 0, "griffin_lim"),  # a faked voice, a real face: eligible
+    (1, 0, 0, "emotion_mismatch"),  # two real files that disagree: the emotions must tell
+    (1, 0, 1, "face_blend"),  # the face is fake already
+)
+
+
+def write_pairs(root: Path, per_kind: int) -> tuple[PipelineConfig, list[tuple[int, ...]]]:
+    cfg = PipelineConfig(storage={"uri": str(root)})
+    rng = np.random.default_rng(3)
+    kinds = [k for k in KINDS for _ in range(per_kind)]
+    n = len(kinds)
+    write_shard(
+        open_storage(cfg.storage), "s.npz",
+        audio=rng.standard_normal((n, 1, 8, 16)).astype(np.float32),
+        image=np.stack([textured(32, seed=i) for i in range(n)]),
+        label=np.array([k[0] for k in kinds], dtype=np.int8),
+        file_label=np.array([k[1:3] for k in kinds], dtype=np.int8),
+        pair_id=[f"p{i}" for i in range(n)], family=[k[3] for k in kinds], crop=0,
+    )  # fmt: skip
+    return cfg, kinds
+
+
+def shown(item: dict[str, Any]) -> np.ndarray:
+    return item["image"].numpy()
+
+
+def is_source(item: dict[str, Any]) -> bool:
+    """The item's picture is its own stored one (flipped or not by the training flip)."""
+    source = textured(32, seed=int(item["pair_id"][1:])).astype(np.float32) / 255.0
+    return np.allclose(shown(item), source) or np.allclose(shown(item), source[:, :, ::-1])
+
+
+def test_fake_voice_pairs_are_shown_pseudo_fakes_of_their_real_faces_labelled_fake_images(
+    tmp_path: Path,
+) -> None:
+    cfg, kinds = write_pairs(tmp_path, per_kind=60)
+    data = DeepfakeDataset(cfg.storage, ["s.npz"], seed=1, augment=True, pseudo_fake_rate=0.5)
+    items = list(data)
+    made = []
+    for it in items:
+        label, audio_label, image_label, family = kinds[int(it["pair_id"][1:])]
+        assert it["family"] == family and it["label"].item() == label  # the pair never changes
+        if is_source(it):
+            assert it["file_label"].tolist() == [audio_label, image_label]
+            continue
+        made.append(it["pair_id"])
+        assert family == "griffin_lim", f"{family}: not eligible"
+        assert it["file_label"].tolist() == [audio_label, 1.0]  # the face is now a fake
+    assert 15 <= len(made) <= 45  # about half of the 60 eligible pairs
+    again = [it["pair_id"] for it in data if not is_source(it)]
+    assert again == made  # same seed and epoch: the same pseudo-fakes
+    data.set_epoch(1)
+    assert [it["pair_id"] for it in data if not is_source(it)] != made
+    everything = DeepfakeDataset(cfg.storage, ["s.npz"], seed=1, augment=True, pseudo_fake_rate=1)
+    assert sum(not is_source(it) for it in everything) == 60  # every fake-voice pair
+
+
+def test_no_pseudo_fakes_when_off_or_outside_training(tmp_path: Path) -> None:
+    cfg, _ = write_pairs(tmp_path, per_kind=10)
+    off = DeepfakeDataset(cfg.storage, ["s.npz"], seed=1, augment=True, pseudo_fake_rate=0.0)
+    before = DeepfakeDataset(cfg.storage, ["s.npz"], seed=1, augment=True)  # the old default
+    for a, b in zip(off, before, strict=True):  # rate 0 draws nothing: the old augmentations
+        assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["audio"], b["audio"])
+        assert is_source(a)
+    evaluation = DeepfakeDataset(cfg.storage, ["s.npz"], pseudo_fake_rate=1.0)
+    assert all(is_source(it) for it in evaluation)  # augment off: validation and test
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.5])
+def test_the_rate_is_a_share(rate: float) -> None:
+    with pytest.raises(ValidationError, match="pseudo_fake_rate"):
+        TrainingConfig(pseudo_fake_rate=rate)
