@@ -103,8 +103,8 @@ _ALTERATIONS: tuple[Callable[[np.ndarray, np.random.Generator], np.ndarray], ...
 
 
 def _mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """(H, W) float32 in [0, 1]: a rotated ellipse covering 15-80% of the picture's width,
-    around its middle, softened by 0-5% of the size and scaled by a strength of 0.6-1."""
+    """(H, W) float32 in [0, 1]: a rotated ellipse 30-80% of the picture's size across each
+    axis, around its middle, softened by 0-5% of the size and scaled by a strength of 0.6-1."""
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     cy, cx = h * rng.uniform(0.35, 0.65), w * rng.uniform(0.35, 0.65)
     ry, rx = h * rng.uniform(0.15, 0.4), w * rng.uniform(0.15, 0.4)
