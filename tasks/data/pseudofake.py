@@ -41,12 +41,12 @@ def self_blend(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A pseudo-fake of `image` (uint8 (3, H, W)): same shape and dtype."""
     face = np.ascontiguousarray(image.transpose(1, 2, 0))  # (H, W, 3) uint8
     h, w = face.shape[:2]
-    source = face.astype(np.float32)
+    original = source = face.astype(np.float32)  # every alteration returns a new array
     n = int(rng.integers(1, 4))
     for k in rng.choice(len(_ALTERATIONS), size=n, replace=False):
         source = _ALTERATIONS[k](source, rng)
     mask = _mask(h, w, rng)[..., None]
-    out = face.astype(np.float32) * (1 - mask) + source * mask
+    out = original * (1 - mask) + source * mask
     return np.clip(np.rint(out), 0, 255).astype(np.uint8).transpose(2, 0, 1)
 
 

@@ -189,9 +189,7 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
             for i in order:
                 audio = shard["audio"][i].astype(np.float32)  # (1, M, T)
                 image = shard["image"][i]  # (3, C, C) uint8
-                label = float(shard["label"][i])
                 file_label = shard["file_label"][i].astype(np.float32)
-                family = str(shard["family"][i])
                 if file_label[0] == 1 and file_label[1] == 0 and self.pseudo_fake_rate:
                     if augment.random() < self.pseudo_fake_rate:  # drawn only when asked for
                         image = self_blend(image, augment)
@@ -203,10 +201,10 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
                 yield {
                     "audio": torch.from_numpy(np.ascontiguousarray(audio)),
                     "image": torch.from_numpy(image.astype(np.float32) / 255.0),  # [0, 1]
-                    "label": torch.tensor(label, dtype=torch.float32),
+                    "label": torch.tensor(float(shard["label"][i]), dtype=torch.float32),
                     "file_label": torch.from_numpy(file_label),
                     "pair_id": str(shard["pair_id"][i]),
-                    "family": family,
+                    "family": str(shard["family"][i]),
                     "audio_emotion": str(shard["audio_emotion"][i]),
                     "image_emotion": str(shard["image_emotion"][i]),
                 }
