@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from models.audio import AudioModel
@@ -63,12 +64,15 @@ def build_model(
     emotion classifier); 0 without.
     """
     dim = cfg.model.embedding_dim
+    model: nn.Module
     if fusion == "early":
-        return EarlyFusionModel(dim, n_emotions, image_weights)
-    if fusion == "mid":
-        return MidFusionModel(dim, image_weights, n_emotions)
-    if fusion == "late":
-        return LateFusionModel(
+        model = EarlyFusionModel(dim, n_emotions, image_weights)
+    elif fusion == "mid":
+        model = MidFusionModel(dim, image_weights, n_emotions)
+    elif fusion == "late":
+        model = LateFusionModel(
             dim, image_weights, rule=cfg.model.late_fusion_rule, n_emotions=n_emotions
         )
-    raise ValueError(f"unknown fusion {fusion!r}: expected one of {', '.join(FUSIONS)}")
+    else:
+        raise ValueError(f"unknown fusion {fusion!r}: expected one of {', '.join(FUSIONS)}")
+    return model.to(memory_format=torch.channels_last)  # the layout the forwards give the inputs

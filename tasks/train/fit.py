@@ -254,17 +254,23 @@ def make_average(model: nn.Module, tcfg: TrainingConfig, n_train: int) -> Weight
     return WeightAverage(model, decay_for(tcfg.average_epochs, steps))
 
 
+FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")
+
+
 def make_optimizer(model: nn.Module, tcfg: TrainingConfig) -> torch.optim.Optimizer:
-    """AdamW (weight decay on weights, not on biases and norms) or Adam, at the peak rate."""
+    """AdamW (weight decay on weights, not on biases and norms) or Adam, at the peak rate; torch's
+    fused kernel where the model's device has one (CPU and CUDA): one pass over all parameters
+    instead of a dozen operations per parameter tensor, which was 15% of a demo step on the CPU."""
+    fused = next(model.parameters()).device.type in FUSED_OPTIMIZER_DEVICES or None
     if tcfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=tcfg.learning_rate)
+        return torch.optim.Adam(model.parameters(), lr=tcfg.learning_rate, fused=fused)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [
         {"params": decay, "weight_decay": tcfg.weight_decay},
         {"params": rest, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=tcfg.learning_rate)
+    return torch.optim.AdamW(groups, lr=tcfg.learning_rate, fused=fused)
 
 
 def validation_auc(preds: Predictions) -> float | None:

@@ -157,6 +157,29 @@ def test_eval_mode_scores_a_single_sample(fusion: str) -> None:
     assert out.score.shape == (1,)
 
 
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_models_compute_in_channels_last_and_score_as_in_the_default_layout(fusion: str) -> None:
+    """build_model lays the convolution weights out channels-last (the CPU's fast layout) and the
+    forward gives the inputs the same layout; the scores are those of the same weights in torch's
+    default layout, whatever layout the inputs arrive in."""
+    torch.manual_seed(0)
+    model = build_model(fusion, config(), n_emotions=3).eval()
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    plain = build_model(fusion, config(), n_emotions=3).eval()
+    plain.load_state_dict(model.state_dict())
+    plain = plain.to(memory_format=torch.contiguous_format)
+    audio, image = inputs()
+    with torch.no_grad():
+        fast = model(audio, image)
+        again = model(audio, image.contiguous(memory_format=torch.channels_last))
+        slow = plain(audio, image)
+    for a, b in [(fast, again), (fast, slow)]:
+        torch.testing.assert_close(a.logit, b.logit, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.audio_emb, b.audio_emb, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.image_emb, b.image_emb, rtol=1e-4, atol=1e-4)
+
+
 def test_encoders_give_emotion_embeddings() -> None:
     audio, image = inputs()
     assert AudioModel(128)(audio).shape == (B, 128)

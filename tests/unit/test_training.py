@@ -45,7 +45,7 @@ from tasks.train.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from tasks.train.fit import fit, write_losses
+from tasks.train.fit import fit, make_optimizer, write_losses
 from tasks.train.loop import split_batch, train_one_epoch
 from tasks.train.memory import MemoryGuard
 from tasks.train.objective import Objective
@@ -310,6 +310,22 @@ def test_split_batch_never_leaves_a_lone_sample() -> None:
     assert sizes == [3, 4]
     assert [len(p["pair_id"]) for p in split_batch(batch, 2)] == [2, 2, 3]
     assert split_batch(batch, 4)[1]["pair_id"] == ["4", "5", "6"]
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adam"])
+def test_the_optimizer_decays_weights_only_and_runs_fused_on_the_cpu(kind: str) -> None:
+    cfg = validate_config({"training": {"optimizer": kind, "weight_decay": 0.03}})
+    model = build_model("mid", cfg)
+    optimizer = make_optimizer(model, cfg.training)
+    assert all(group["fused"] for group in optimizer.param_groups)  # one kernel for every tensor
+    if kind == "adam":
+        assert isinstance(optimizer, torch.optim.Adam)
+        return
+    decay, rest = optimizer.param_groups
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert decay["weight_decay"] == 0.03 and rest["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in rest["params"])
+    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
 
 
 # --- checkpoints, resume and model files -----------------------------------------------------
