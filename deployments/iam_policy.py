@@ -13,8 +13,8 @@ On `storage.uri`'s bucket only (keys under its prefix, if any), one statement pe
     plots, reports, records (multipart uploads are covered by s3:PutObject);
   - ForgetTheFinishedRun: s3:DeleteObject on outputs/runs/in-progress.json only: finish-run
     deletes the record of the run in progress, or the next night would adopt a finished run;
-  - DeleteOldCheckpoints: s3:DeleteObject on outputs/models/*/checkpoints/*, only when
-    training.keep_checkpoints is set (the trainer then deletes older checkpoints);
+  - DeleteOldCheckpoints: s3:DeleteObject on outputs/models/*/checkpoints/*, unless
+    training.keep_checkpoints is null (it keeps the newest 2 by default and deletes older ones);
   - WriteTheDemoDataset: s3:PutObject on dataset/*, only when generator.fill_empty_dataset is on
     (the synthetic benchmark is then written into an empty dataset/);
   - ReadPretrainedImageWeights: s3:GetObject on the one key model.pretrained_image_weights names,

@@ -356,17 +356,23 @@ def test_policy_grants_exactly_list_get_put_and_the_one_delete_on_the_bucket():
         ("s3:GetObject", f"arn:aws:s3:::{bucket}/dataset/*"),
         ("s3:GetObject", f"arn:aws:s3:::{bucket}/outputs/*"),
         ("s3:PutObject", f"arn:aws:s3:::{bucket}/outputs/*"),
-        # finish-run forgets the run in progress: that one object, nothing else is deleted
+        # finish-run forgets the run in progress, the trainer prunes old checkpoints
+        # (training.keep_checkpoints): nothing else is deleted
         ("s3:DeleteObject", f"arn:aws:s3:::{bucket}/outputs/runs/in-progress.json"),
+        ("s3:DeleteObject", f"arn:aws:s3:::{bucket}/outputs/models/*/checkpoints/*"),
     }
     assert all(re.fullmatch(rf"arn:aws:s3:::{bucket}(/.*)?", r) for r in resources(policy))
-    assert "*" not in json.dumps(policy).replace("/dataset/*", "").replace("/outputs/*", "")
+    wildcards = ("/dataset/*", "/outputs/*", "/outputs/models/*/checkpoints/*")
+    unexplained = json.dumps(policy)
+    for allowed in sorted(wildcards, key=len, reverse=True):
+        unexplained = unexplained.replace(allowed, "")
+    assert "*" not in unexplained
 
 
 def test_policy_follows_prefixes_and_every_setting_that_widens_it():
     cfg = validate_config({
         "storage": {"uri": "s3://team-bkt/deepfake", "outputs_prefix": "results/"},
-        "training": {"keep_checkpoints": 2},
+        "training": {"keep_checkpoints": 3},
         "generator": {"fill_empty_dataset": True},
         "model": {"pretrained_image_weights": "weights/resnet18.pt"},
     })  # fmt: skip
@@ -383,6 +389,14 @@ def test_policy_follows_prefixes_and_every_setting_that_widens_it():
         ("WriteTheDemoDataset", "s3:PutObject", f"{root}/dataset/*"),
         ("ReadPretrainedImageWeights", "s3:GetObject", f"{root}/weights/resnet18.pt"),
     }
+
+
+def test_keeping_every_checkpoint_drops_the_checkpoint_delete():
+    cfg = validate_config({"training": {"keep_checkpoints": None}})
+    statements = bucket_policy(cfg)["Statement"]
+    assert "DeleteOldCheckpoints" not in [s["Sid"] for s in statements]
+    deletes = [s["Resource"] for s in statements if "s3:DeleteObject" in s["Action"]]
+    assert deletes == ["arn:aws:s3:::my-deepfake-bucket/outputs/runs/in-progress.json"]
 
 
 @pytest.mark.parametrize(
