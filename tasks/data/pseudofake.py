@@ -17,6 +17,12 @@ a fake voice and a real picture, with an image label of 1: the per-modality imag
 it, and the pair, fake already, keeps its label, so the real class and the decision's balance
 stay as they were. Emotion-mismatch pairs keep their real faces: there the decision must learn
 the emotions' disagreement, not a trace.
+
+`self_blend_audio` is the same for the voice, on the shard's log-mels: one stretch of time and
+frequency (most often the upper bands, where vocoders differ most) smeared in time or across
+bands, its harmonics flattened towards the envelope, re-noised or lowered, blended back in
+through soft edges. `training.audio_pseudo_fake_rate` (off by default, experimental) shows one
+to that share of the training pairs with a real voice and a fake face, with an audio label of 1.
 """
 
 from __future__ import annotations
@@ -116,3 +122,74 @@ def _mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     if soft > 0.3:
         mask = ndimage.gaussian_filter(mask, sigma=soft)
     return mask * np.float32(rng.uniform(0.6, 1.0))
+
+
+def self_blend_audio(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A pseudo-fake voice: the log-mel (1, M, T) (floor -1) altered in one stretch of time and
+    frequency by one to three of the processes vocoders and TTS leave (smeared in time, smeared
+    across bands, fine harmonic structure flattened to the envelope, a fresh noise floor, the
+    band's level lowered), blended back through a mask with soft edges. Always differs from its
+    source."""
+    x = audio.astype(np.float32, copy=True)
+    _, m, t = x.shape
+    y = x[0].copy()
+    ops = rng.permutation(len(_AUDIO_OPS))[: int(rng.integers(1, 4))]
+    for op in ops:
+        y = _AUDIO_OPS[op](y, rng)
+    # the region: the upper bands from a random cut (where vocoders differ most) or a random band
+    if rng.random() < 0.7:
+        f0, f1 = int(rng.uniform(0.2, 0.7) * m), m
+    else:
+        width = max(2, int(rng.uniform(0.3, 0.6) * m))
+        f0 = int(rng.integers(0, m - width + 1))
+        f1 = f0 + width
+    length = max(2, int(rng.uniform(0.4, 1.0) * t))
+    t0 = int(rng.integers(0, t - length + 1))
+    mask = np.outer(_soft_span(m, f0, f1, rng), _soft_span(t, t0, t0 + length, rng))
+    strength = rng.uniform(0.6, 1.0)
+    out = x[0] + strength * mask * (y - x[0])
+    if np.array_equal(out, x[0]):  # nothing changed (e.g. a silent region): lower the band
+        out = x[0] - 0.1 * mask
+    x[0] = np.clip(out, -1.0, None)
+    return x
+
+
+def _soft_span(n: int, start: int, stop: int, rng: np.random.Generator) -> np.ndarray:
+    """1 on [start, stop), raised-cosine edges of 1-6 steps, 0 elsewhere."""
+    edge = int(rng.integers(1, 7))
+    idx = np.arange(n, dtype=np.float32)
+    up = np.clip((idx - start + edge) / edge, 0.0, 1.0)
+    down = np.clip((stop - 1 + edge - idx) / edge, 0.0, 1.0)
+    ramp = np.minimum(up, down)
+    return (0.5 - 0.5 * np.cos(np.pi * ramp)).astype(np.float32)
+
+
+def _smear_time(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return ndimage.uniform_filter1d(y, size=int(rng.integers(3, 10)), axis=1, mode="nearest")
+
+
+def _smear_bands(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return ndimage.uniform_filter1d(y, size=int(rng.integers(3, 8)), axis=0, mode="nearest")
+
+
+def _flatten_harmonics(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    envelope = ndimage.uniform_filter1d(y, size=int(rng.integers(9, 16)), axis=0, mode="nearest")
+    return y + rng.uniform(0.5, 1.0) * (envelope - y)
+
+
+def _renoise_voice(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    smooth = ndimage.uniform_filter(y, size=int(rng.integers(3, 6)), mode="nearest")
+    return smooth + rng.normal(0.0, rng.uniform(0.02, 0.08), y.shape).astype(np.float32)
+
+
+def _lower_level(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return -1.0 + rng.uniform(0.6, 0.9) * (y + 1.0)
+
+
+_AUDIO_OPS: tuple[Callable[[np.ndarray, np.random.Generator], np.ndarray], ...] = (
+    _smear_time,
+    _smear_bands,
+    _flatten_harmonics,
+    _renoise_voice,
+    _lower_level,
+)

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from config.schema import StorageConfig
-from tasks.data.pseudofake import self_blend
+from tasks.data.pseudofake import self_blend, self_blend_audio
 from tasks.errors import DataError
 from tasks.io.storage import Storage, open_storage
 
@@ -136,10 +136,12 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
         n_samples: int | None = None,
         augment: bool = False,
         pseudo_fake_rate: float = 0.0,
+        audio_pseudo_fake_rate: float = 0.0,
     ) -> None:
         self.storage_cfg = storage_cfg
         self.augment = augment
         self.pseudo_fake_rate = pseudo_fake_rate if augment else 0.0
+        self.audio_pseudo_fake_rate = audio_pseudo_fake_rate if augment else 0.0
         self.shard_keys = list(shard_keys)
         self.shuffle = shuffle
         self.seed = seed
@@ -194,6 +196,10 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
                     if augment.random() < self.pseudo_fake_rate:  # drawn only when asked for
                         image = self_blend(image, augment)
                         file_label[1] = 1.0
+                elif file_label[0] == 0 and file_label[1] == 1 and self.audio_pseudo_fake_rate:
+                    if augment.random() < self.audio_pseudo_fake_rate:
+                        audio = self_blend_audio(audio, augment)
+                        file_label[0] = 1.0
                 if self.augment:
                     audio, image = _augment(audio, image, crop, augment)
                 elif crop:

@@ -322,6 +322,7 @@ def make_datasets(
         n_samples=sizes["train"],
         augment=cfg.training.augment,
         pseudo_fake_rate=cfg.training.pseudo_fake_rate,
+        audio_pseudo_fake_rate=cfg.training.audio_pseudo_fake_rate,
     )
     val = DeepfakeDataset(cfg.storage, features.shards["val"], n_samples=sizes["val"])
     return train, val

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from config.schema import PipelineConfig, TrainingConfig
-from tasks.data.pseudofake import self_blend
+from tasks.data.pseudofake import self_blend, self_blend_audio
 from tasks.data.shards import DeepfakeDataset, write_shard
 from tasks.io.storage import open_storage
 
@@ -123,3 +123,72 @@ def test_no_pseudo_fakes_when_off_or_outside_training(tmp_path: Path) -> None:
 def test_the_rate_is_a_share(rate: float) -> None:
     with pytest.raises(ValidationError, match="pseudo_fake_rate"):
         TrainingConfig(pseudo_fake_rate=rate)
+
+
+def spoken(m: int = 64, t: int = 64, seed: int = 0) -> np.ndarray:
+    """A (1, m, t) log-mel in [-1, 1] with harmonics, a time contour and grain."""
+    rng = np.random.default_rng(seed)
+    bands, frames = np.mgrid[0:m, 0:t]
+    harmonics = 0.3 * np.cos(bands * 0.9 + 0.2 * np.sin(frames / 5))
+    level = 0.2 - 0.8 * bands / m + harmonics + rng.normal(0, 0.1, (m, t))
+    return np.clip(level, -1, 1)[None].astype(np.float32)
+
+
+def test_self_blend_audio_alters_one_stretch_of_time_and_frequency() -> None:
+    audio = spoken()
+    for seed in range(60):
+        out = self_blend_audio(audio, np.random.default_rng(seed))
+        assert out.shape == audio.shape and out.dtype == np.float32
+        assert out.min() >= -1.0  # the log-mel's floor holds
+        diff = np.abs(out - audio)[0]
+        assert diff.sum() > 0, f"seed {seed}: the pseudo-fake is its own source"
+        untouched_bands = int((diff.max(axis=1) == 0).sum())
+        assert untouched_bands >= 5, f"seed {seed}: every band changed, not one stretch"
+    first = self_blend_audio(audio, np.random.default_rng(7))
+    assert np.array_equal(first, self_blend_audio(audio, np.random.default_rng(7)))
+    assert not np.array_equal(first, self_blend_audio(audio, np.random.default_rng(8)))
+
+
+def test_fake_face_pairs_are_shown_pseudo_fakes_of_their_real_voices_labelled_fake_audio(
+    tmp_path: Path,
+) -> None:
+    cfg, kinds = write_pairs(tmp_path, per_kind=40)
+    stored = {
+        it["pair_id"]: it["audio"].numpy()
+        for it in DeepfakeDataset(cfg.storage, ["s.npz"], seed=1)  # as stored
+    }
+    data = DeepfakeDataset(
+        cfg.storage, ["s.npz"], seed=1, augment=True, pseudo_fake_rate=0.0,
+        audio_pseudo_fake_rate=0.5,
+    )  # fmt: skip
+    made = []
+    for it in data:
+        label, audio_label, image_label, family = kinds[int(it["pair_id"][1:])]
+        assert it["label"].item() == label  # the pair never changes
+        source = stored[it["pair_id"]]
+        # the training shift moves the frames: a pseudo-fake is what no shift of its source gives
+        shifted = any(
+            np.allclose(it["audio"].numpy()[..., max(s, 0) : 16 + min(s, 0)],
+                        source[..., max(-s, 0) : 16 + min(-s, 0)])
+            for s in range(-2, 3)
+        )  # fmt: skip
+        if shifted:
+            assert it["file_label"].tolist() == [audio_label, image_label]
+            continue
+        made.append(it["pair_id"])
+        assert family == "face_blend", f"{family}: not eligible"
+        assert it["file_label"].tolist() == [1.0, image_label]  # the voice is now a fake
+    assert 10 <= len(made) <= 30  # about half of the 40 eligible pairs
+    off = DeepfakeDataset(cfg.storage, ["s.npz"], seed=1, augment=True, pseudo_fake_rate=0.0)
+    plain = DeepfakeDataset(
+        cfg.storage, ["s.npz"], seed=1, augment=True, pseudo_fake_rate=0.0,
+        audio_pseudo_fake_rate=0.0,
+    )  # fmt: skip
+    for a, b in zip(off, plain, strict=True):  # rate 0 (the default) draws nothing
+        assert np.array_equal(a["audio"], b["audio"])
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.5])
+def test_the_audio_rate_is_a_share(rate: float) -> None:
+    with pytest.raises(ValidationError, match="audio_pseudo_fake_rate"):
+        TrainingConfig(audio_pseudo_fake_rate=rate)
