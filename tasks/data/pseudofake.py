@@ -130,9 +130,8 @@ def self_blend_audio(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     across bands, fine harmonic structure flattened to the envelope, a fresh noise floor, the
     band's level lowered), blended back through a mask with soft edges. Always differs from its
     source."""
-    x = audio.astype(np.float32, copy=True)
-    _, m, t = x.shape
-    y = x[0].copy()
+    original = y = audio[0].astype(np.float32)  # (M, T); every operation returns a new array
+    m, t = original.shape
     ops = rng.permutation(len(_AUDIO_OPS))[: int(rng.integers(1, 4))]
     for op in ops:
         y = _AUDIO_OPS[op](y, rng)
@@ -147,11 +146,10 @@ def self_blend_audio(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     t0 = int(rng.integers(0, t - length + 1))
     mask = np.outer(_soft_span(m, f0, f1, rng), _soft_span(t, t0, t0 + length, rng))
     strength = rng.uniform(0.6, 1.0)
-    out = x[0] + strength * mask * (y - x[0])
-    if np.array_equal(out, x[0]):  # nothing changed (e.g. a silent region): lower the band
-        out = x[0] - 0.1 * mask
-    x[0] = np.clip(out, -1.0, None)
-    return x
+    out = original + strength * mask * (y - original)
+    if np.array_equal(out, original):  # nothing changed (e.g. a silent region): lower the band
+        out = original - 0.1 * mask
+    return np.clip(out, -1.0, None)[None]
 
 
 def _soft_span(n: int, start: int, stop: int, rng: np.random.Generator) -> np.ndarray:

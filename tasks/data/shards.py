@@ -123,8 +123,9 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
     or with `augment` (training) a random one, plus the augmentations of `_augment`. With
     `augment` and a `pseudo_fake_rate`, that share of the pairs with a fake voice and a real
     picture get a self-blended pseudo-fake of the picture instead (tasks/data/pseudofake.py) and
-    an image file_label of 1; the pair's label stays 1. Storage is opened in `__iter__` (boto3
-    clients must not cross a fork); shards are split between DataLoader workers.
+    an image file_label of 1; the pair's label stays 1. `audio_pseudo_fake_rate` does the same for
+    the real voices of pairs with a fake picture (an audio file_label of 1). Storage is opened in
+    `__iter__` (boto3 clients must not cross a fork); shards are split between DataLoader workers.
     """
 
     def __init__(
