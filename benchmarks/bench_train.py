@@ -10,7 +10,8 @@ in benchmarks/bench_stream.py: production = `config/config.yaml`'s 224 px images
 log-mels, demo = `config/demo.yaml`'s 64 px and 64 x 64. Measured (medians of `--repeats`):
 
   stall        per fusion, one training epoch through the product's loop (`train_one_epoch`) on
-               the product's `DeepfakeDataset` (shards read and decoded by its prefetch thread):
+               the product's `DeepfakeDataset` (shards read by its prefetch thread, samples
+               augmented in `read_ahead`'s thread while the step runs, as `fit` trains):
                the share of the epoch spent waiting for the next batch (`data_s` of the step
                rows), and the epoch's time against a pure-compute epoch: the same model from the
                same seed, the same samples already in memory as tensors;
@@ -104,16 +105,20 @@ class Trainer:
         self.guard = make_guard(cfg, self.model, TrainState(), _memory_percent)
 
     def epoch(self, samples: Any = None) -> tuple[float, float, int]:
-        """One epoch over `samples` (default: the streamed dataset): (seconds, data wait, n)."""
+        """One epoch over `samples` (default: the streamed dataset, read ahead in a thread as
+        `fit` reads it): (seconds, data wait, n)."""
         import torch
 
+        from tasks.data.shards import read_ahead
+        from tasks.train.fit import read_ahead_depth
         from tasks.train.loop import train_one_epoch
 
         self.train_data.set_epoch(1)
+        streamed = read_ahead(self.train_data, read_ahead_depth(self.cfg.training))
         started = time.perf_counter()
         result = train_one_epoch(
             self.model,
-            iter(self.train_data if samples is None else samples),
+            streamed if samples is None else iter(samples),
             self.optimizer,
             self.scaler,
             self.guard,
@@ -138,15 +143,22 @@ def _memory_percent() -> float:
 def stall(cfg: Any, features: Any, fusion: str, repeats: int) -> dict[str, Any]:
     """Streamed epoch against a pure-compute epoch of the same model, seed and samples."""
     streamed, computed, shares = [], [], []
-    for _ in range(repeats):
+
+    def streamed_epoch() -> None:
         seconds, waited, _ = Trainer(cfg, features, fusion).epoch()
         streamed.append(seconds)
         shares.append(waited / seconds)
+
+    def computed_epoch() -> None:
         trainer = Trainer(cfg, features, fusion)
         trainer.train_data.set_epoch(1)
         in_memory = list(trainer.train_data)  # decoded once, outside the timing
         seconds, _, _ = trainer.epoch(in_memory)
         computed.append(seconds)
+
+    for repeat in range(repeats):  # each side first in every other repeat: no warm-up bias
+        for epoch in (streamed_epoch, computed_epoch)[:: 1 if repeat % 2 == 0 else -1]:
+            epoch()
     s, c = statistics.median(streamed), statistics.median(computed)
     return {
         "streamed_s": s,

@@ -11,15 +11,20 @@ Shard arrays (loaded with `allow_pickle=False`, so a shard can never run code):
 
 `DeepfakeDataset` streams shards from storage one at a time (the next is fetched in the
 background while the current one is consumed), so memory stays bounded by two shards.
+`read_ahead` runs such a stream in a thread of its own, a few batches ahead of the training
+step, so that augmenting samples overlaps the step instead of waiting for it.
 """
 
 from __future__ import annotations
 
+import contextvars
 import io
 import logging
-from collections.abc import Callable, Iterator, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +36,7 @@ from tasks.errors import DataError
 from tasks.io.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SHARD_FIELDS = (
     "audio", "image", "label", "file_label", "pair_id", "family", "audio_emotion",
@@ -227,6 +233,59 @@ class InMemoryShard(DeepfakeDataset):
 
     def iter_shards(self) -> Iterator[dict[str, np.ndarray]]:
         yield self.shard
+
+
+def read_ahead(items: Iterable[T], depth: int) -> Iterator[T]:
+    """`items` in the same order, produced by a thread of their own at most `depth` items ahead
+    of the consumer, so that producing them (reading shards, augmenting samples) overlaps the
+    consumer's work (the training step). An exception in `items` is raised here, in its order;
+    closing this iterator early stops and joins the thread. `depth` < 1: `items` as they are.
+    The thread runs in a copy of the caller's context (Prefect's run context is a context
+    variable)."""
+    if depth < 1:
+        yield from items
+        return
+    ready: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        source = iter(items)
+        try:
+            for item in source:
+                if not put((True, item)):
+                    return
+            put((False, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((False, exc))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()  # a generator's own cleanup (its shard prefetch pool) runs here
+
+    thread = threading.Thread(
+        target=contextvars.copy_context().run, args=(produce,), name="read-ahead", daemon=True
+    )
+    thread.start()
+    try:
+        while True:
+            more, item = ready.get()
+            if not more:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 MAX_SHIFT = 8  # the log-mel's random time shift is at most 1/MAX_SHIFT of its frames

@@ -32,7 +32,7 @@ from torch import nn
 from config.schema import PipelineConfig, TrainingConfig
 from models import FUSIONS, build_model, seeded_init, use_generator
 from tasks import progress
-from tasks.data.shards import DeepfakeDataset
+from tasks.data.shards import DeepfakeDataset, read_ahead
 from tasks.errors import CheckpointError, ConfigError, DataError
 from tasks.evaluate.calibration import fit_operating_point
 from tasks.evaluate.inference import Predictions, pick_device
@@ -151,6 +151,7 @@ def fit(
         f", resumed after epoch {state.epoch}" if state.epoch else "",
     )
 
+    ahead = read_ahead_depth(tcfg)
     for epoch in range(state.epoch + 1, tcfg.epochs + 1):
         if stop_early(state, tcfg):
             log.info(
@@ -165,7 +166,11 @@ def fit(
         train_data.set_epoch(epoch)
         result = train_one_epoch(
             model,
-            progress.track(train_data, len(train_data), f"{fusion} epoch {epoch}/{tcfg.epochs}"),
+            progress.track(
+                read_ahead(train_data, ahead),
+                len(train_data),
+                f"{fusion} epoch {epoch}/{tcfg.epochs}",
+            ),
             optimizer,
             scaler,
             guard,
@@ -181,7 +186,9 @@ def fit(
         )
         val, preds = evaluate(
             chosen,
-            progress.track(val_data, len(val_data), f"{fusion} validation {epoch}"),
+            progress.track(
+                read_ahead(val_data, ahead), len(val_data), f"{fusion} validation {epoch}"
+            ),
             device,
             objective,
             guard.batch_size,
@@ -255,6 +262,15 @@ def make_average(model: nn.Module, tcfg: TrainingConfig, n_train: int) -> Weight
 
 
 FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")
+
+
+READ_AHEAD_BATCHES = 2  # samples made ready in the background while the step runs
+
+
+def read_ahead_depth(tcfg: TrainingConfig) -> int:
+    """How many samples `read_ahead` keeps ready: two batches of the configured size (bounded
+    memory: 2 x 16 samples of 224 px images and 128 x 128 log-mels are ~40 MB)."""
+    return READ_AHEAD_BATCHES * tcfg.batch_size
 
 
 def make_optimizer(model: nn.Module, tcfg: TrainingConfig) -> torch.optim.Optimizer:
