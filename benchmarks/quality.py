@@ -1,8 +1,8 @@
 """Detection quality on the synthetic benchmark, measured through the product's own pipeline.
 
     python -m benchmarks.quality [--sizes demo,production] [--seeds 0,1,2] [--pairs N]
-        [--families-out all|none|a,b] [--ablation | --no-ablation] [--set SECTION.KEY=VALUE]
-        [--keep] [--out benchmarks/results/quality.json]
+        [--families-out all|none|a,b] [--ablation | --no-ablation] [--main | --no-main]
+        [--set SECTION.KEY=VALUE] [--keep] [--out benchmarks/results/quality.json]
 
 Every figure comes from a real `train-all-fusions` run: the flow function is called in this
 process (Prefect starts its own temporary API, as `make run` does), each run on a fresh temporary
@@ -324,10 +324,11 @@ def render(results: Sequence[RunResult], notes: Sequence[str]) -> str:
                         str(len(got)),
                     ]
                 )
-    parts += [
-        "Test split (mean ± std over seeds)",
-        format_table(["size", "fusion", "ROC-AUC", "EER", "min/run", "seeds"], rows),
-    ]
+    if rows:  # none with --no-main
+        parts += [
+            "Test split (mean ± std over seeds)",
+            format_table(["size", "fusion", "ROC-AUC", "EER", "min/run", "seeds"], rows),
+        ]
 
     rows = []
     for size in sizes:
@@ -365,7 +366,7 @@ def render(results: Sequence[RunResult], notes: Sequence[str]) -> str:
         rows = []
         for size in sizes:
             variants = list(dict.fromkeys(r.variant for r in runs_of(kind, size)))
-            if kind == "ablation" and variants:
+            if kind == "ablation" and variants and runs_of("main", size):
                 variants = ["full", *variants]
             for variant in variants:
                 runs = runs_of(
@@ -380,7 +381,8 @@ def render(results: Sequence[RunResult], notes: Sequence[str]) -> str:
                 minutes = format_mean_std((r.minutes for r in runs), 1)
                 rows.append([size, variant, *cells, minutes, str(len(runs))])
         if rows:
-            parts += ["", title, format_table(["size", label, *fusions, "min/run", "seeds"], rows)]
+            table = format_table(["size", label, *fusions, "min/run", "seeds"], rows)
+            parts += ["", title, table] if parts else [title, table]
 
     failed = [r for r in results if r.error is not None]
     if failed:
@@ -415,6 +417,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=True,
         help="consistency/emotion heads off, demo size (default: on)",
     )
+    parser.add_argument(
+        "--main",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the full benchmark's runs, every size (default: on; off: held-out and ablation only)",
+    )
     add_overrides(parser, help="extra override for every run (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep each run's temporary folder")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON of every figure")
@@ -438,6 +446,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         unknown = sorted(set(args.families_out) - set(FAKE_FAMILIES))
         if unknown:
             parser.error(f"--families-out: unknown {unknown} (families: {list(FAKE_FAMILIES)})")
+    if not (args.main or args.families_out or args.ablation):
+        parser.error("--no-main with --families-out none and --no-ablation: nothing to run")
     if args.pairs is not None and args.pairs < 2:
         parser.error(f"--pairs: need at least 2, got {args.pairs}")
     return args
@@ -478,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             def new_folder(name: str) -> Path:
                 return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
 
-            for seed in args.seeds:
+            for seed in args.seeds if args.main else []:
                 r = RunResult("main", size, seed, "full", list(base))
                 results.append(
                     run_flow(r, config_path, new_folder(f"{size}-{seed}"), True, args.keep)

@@ -10,12 +10,15 @@ import math
 import pytest
 
 from benchmarks.quality import (
+    RunResult,
     family_auc,
     format_mean_std,
     format_table,
     headline,
     leave_one_family_out,
     mean_std,
+    parse_args,
+    render,
 )
 from tasks.data.synthetic import PAIRS_COLUMNS, pairs_csv, plan_pairs
 
@@ -67,3 +70,23 @@ def test_mean_std_formatting() -> None:
     assert mean_std([1.0, 3.0])[2] == 2
     table = format_table(["a", "bb"], [["xyz", "1"]]).splitlines()
     assert table == ["a    bb", "---  --", "xyz  1"]
+
+
+def _run(kind: str, seed: int, variant: str, auc: float) -> RunResult:
+    metrics = {f: {"roc_auc": auc, "eer": 0.1} for f in ("early", "mid", "late")}
+    return RunResult(kind, "demo", seed, variant, [], minutes=4.0, metrics=metrics)
+
+
+def test_held_out_runs_alone_render_without_the_full_benchmark() -> None:
+    args = parse_args(["--no-main", "--families-out", "griffin_lim", "--no-ablation"])
+    assert not args.main and args.families_out == ["griffin_lim"]
+    lofo = [_run("lofo", 1, "griffin_lim", 0.6), _run("lofo", 2, "griffin_lim", 0.8)]
+    text = render([*lofo, _run("ablation", 1, "no_consistency", 0.9)], [])
+    assert "Test split" not in text
+    assert text.startswith("Leave-one-family-out")
+    assert "demo  griffin_lim  0.700 ± 0.141" in text
+    assert " full " not in text  # no full-benchmark row for the ablation to compare against
+    with_main = render([_run("main", 1, "full", 0.99), *lofo], [])
+    assert with_main.startswith("Test split") and "0.990" in with_main
+    with pytest.raises(SystemExit):
+        parse_args(["--no-main", "--families-out", "none", "--no-ablation"])
