@@ -182,9 +182,9 @@ class TrainingConfig(Section):
     # learns what manipulations share, not only the bucket's own generators' traces. 0 = off.
     pseudo_fake_rate: Annotated[float, Field(ge=0, le=1)] = 0.5
     # Share of the training pairs with a real voice and a fake face whose voice is shown as a
-    # pseudo-fake (tasks/data/pseudofake.self_blend_audio), labelled a fake audio file; off by
-    # default until it is measured on more seeds (benchmarks/README.md, "Self-blended voices").
-    audio_pseudo_fake_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # pseudo-fake (tasks/data/pseudofake.self_blend_audio), labelled a fake audio file: vocoder
+    # traces never trained on are caught (benchmarks/README.md, "Self-blended voices"). 0 = off.
+    audio_pseudo_fake_rate: Annotated[float, Field(ge=0, le=1)] = 0.5
     epochs: PositiveInt = 5  # passes over the training split
     consistency_weight: Annotated[float, Field(ge=0)] = 0.1  # lambda; 0 disables the signal
     consistency_margin: Annotated[float, Field(ge=-1, le=1)] = 0.0  # fake pairs pushed below it

@@ -21,8 +21,8 @@ the emotions' disagreement, not a trace.
 `self_blend_audio` is the same for the voice, on the shard's log-mels: one stretch of time and
 frequency (most often the upper bands, where vocoders differ most) smeared in time or across
 bands, its harmonics flattened towards the envelope, re-noised or lowered, blended back in
-through soft edges. `training.audio_pseudo_fake_rate` (off by default, experimental) shows one
-to that share of the training pairs with a real voice and a fake face, with an audio label of 1.
+through soft edges. `training.audio_pseudo_fake_rate` (0.5 by default) shows one to that share
+of the training pairs with a real voice and a fake face, with an audio label of 1.
 """
 
 from __future__ import annotations

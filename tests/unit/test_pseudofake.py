@@ -184,7 +184,7 @@ def test_fake_face_pairs_are_shown_pseudo_fakes_of_their_real_voices_labelled_fa
         assert it["file_label"].tolist() == [1.0, image_label]  # the voice is now a fake
     assert 10 <= len(made) <= 30  # about half of the 40 eligible pairs
     off = DeepfakeDataset(cfg.storage, ["s.npz"], seed=1, augment=True, pseudo_fake_rate=0.0)
-    assert all(is_stored(it) for it in off)  # the default, 0: every voice is its own
+    assert all(is_stored(it) for it in off)  # rate 0 (the dataset's default): every voice its own
 
 
 @pytest.mark.parametrize("rate", [-0.1, 1.5])
