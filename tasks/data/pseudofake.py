@@ -130,8 +130,9 @@ def self_blend_audio(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     across bands, fine harmonic structure flattened to the envelope, a fresh noise floor, the
     band's level lowered), blended back through a mask with soft edges. Always differs from its
     source."""
-    original = y = np.asarray(audio[0], dtype=np.float32)  # (M, T); no copy: every step below
-    # returns a new array, so the caller's log-mel is never written to
+    # (M, T), not copied: every step below returns a new array, so the caller's is never written
+    original: np.ndarray = np.asarray(audio[0], dtype=np.float32)
+    y = original
     m, t = original.shape
     ops = rng.permutation(len(_AUDIO_OPS))[: int(rng.integers(1, 4))]
     for op in ops:
