@@ -20,9 +20,10 @@ the emotions' disagreement, not a trace.
 
 `self_blend_audio` is the same for the voice, on the shard's log-mels: one stretch of time and
 frequency (most often the upper bands, where vocoders differ most) smeared in time or across
-bands, its harmonics flattened towards the envelope, re-noised or lowered, blended back in
-through soft edges. `training.audio_pseudo_fake_rate` (0.5 by default) shows one to that share
-of the training pairs with a real voice and a fake face, with an audio label of 1.
+bands, its harmonics flattened towards the envelope, re-noised, lowered or its envelope
+re-shaped, blended back in through soft edges. `training.audio_pseudo_fake_rate` (0.5 by
+default) shows one to that share of the training pairs with a real voice and a fake face, with
+an audio label of 1.
 """
 
 from __future__ import annotations
@@ -128,8 +129,8 @@ def self_blend_audio(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A pseudo-fake voice: the log-mel (1, M, T) (floor -1) altered in one stretch of time and
     frequency by one to three of the processes vocoders and TTS leave (smeared in time, smeared
     across bands, fine harmonic structure flattened to the envelope, a fresh noise floor, the
-    band's level lowered), blended back through a mask with soft edges. Always differs from its
-    source."""
+    band's level lowered, a spectral envelope that is not the speaker's), blended back through a
+    mask with soft edges. Always differs from its source."""
     # (M, T), not copied: every step below returns a new array, so the caller's is never written
     original: np.ndarray = np.asarray(audio[0], dtype=np.float32)
     y = original
@@ -186,10 +187,24 @@ def _lower_level(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return -1.0 + rng.uniform(0.6, 0.9) * (y + 1.0)
 
 
+def _reshape_envelope(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A vocoder's spectral envelope that is not the speaker's: one or two broad bumps or dips
+    of 3-10 dB across the bands (the log-mel's unit is 40 dB), kept below the clip's 0 dB."""
+    m = y.shape[0]
+    bands = np.arange(m, dtype=np.float32)[:, None]
+    curve = np.zeros((m, 1), dtype=np.float32)
+    for _ in range(int(rng.integers(1, 3))):
+        centre, width = rng.uniform(0.0, m), rng.uniform(0.1, 0.3) * m
+        gain = rng.choice((-1.0, 1.0)) * rng.uniform(0.08, 0.25)
+        curve += np.float32(gain) * np.exp(-0.5 * ((bands - centre) / width) ** 2)
+    return np.clip(y + curve, -1.0, 1.0)
+
+
 _AUDIO_OPS: tuple[Callable[[np.ndarray, np.random.Generator], np.ndarray], ...] = (
     _smear_time,
     _smear_bands,
     _flatten_harmonics,
     _renoise_voice,
     _lower_level,
+    _reshape_envelope,
 )

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from config.schema import PipelineConfig, TrainingConfig
-from tasks.data.pseudofake import self_blend, self_blend_audio
+from tasks.data.pseudofake import _reshape_envelope, self_blend, self_blend_audio
 from tasks.data.shards import DeepfakeDataset, write_shard
 from tasks.io.storage import open_storage
 
@@ -147,6 +147,23 @@ def test_self_blend_audio_alters_one_stretch_of_time_and_frequency() -> None:
     first = self_blend_audio(audio, np.random.default_rng(7))
     assert np.array_equal(first, self_blend_audio(audio, np.random.default_rng(7)))
     assert not np.array_equal(first, self_blend_audio(audio, np.random.default_rng(8)))
+
+
+def test_a_reshaped_envelope_moves_whole_bands_smoothly_within_the_range() -> None:
+    """The same broad curve across the bands in every frame (a vocoder's envelope, not the
+    speaker's), at most two bumps or dips of 3-10 dB each, never past 0 dB or the floor."""
+    level = np.full((64, 32), -0.2, dtype=np.float32)  # far from both ends of the range
+    for seed in range(40):
+        out = _reshape_envelope(level, np.random.default_rng(seed))
+        shift = out - level
+        assert np.allclose(shift, shift[:, :1], atol=1e-6), f"seed {seed}: differs over time"
+        # up to 2 x 10 dB (the unit is 40 dB); a bump and a dip may partly cancel
+        assert 0.03 < float(np.abs(shift).max()) <= 0.5 + 1e-6
+        assert float(np.abs(np.diff(shift[:, 0])).max()) < 0.05  # broad: no band jumps
+    loud = np.full((64, 32), 0.95, dtype=np.float32)
+    for seed in range(40):
+        out = _reshape_envelope(loud, np.random.default_rng(seed))
+        assert out.max() <= 1.0 and out.min() >= -1.0
 
 
 def test_fake_face_pairs_are_shown_pseudo_fakes_of_their_real_voices_labelled_fake_audio(
