@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from PIL import Image, ImageFilter
 from torch.utils.data import IterableDataset, get_worker_info
 
 from config.schema import StorageConfig
@@ -130,7 +131,9 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
     `augment` and a `pseudo_fake_rate`, that share of the pairs with a fake voice and a real
     picture get a self-blended pseudo-fake of the picture instead (tasks/data/pseudofake.py) and
     an image file_label of 1; the pair's label stays 1. `audio_pseudo_fake_rate` does the same for
-    the real voices of pairs with a fake picture (an audio file_label of 1). Storage is opened in
+    the real voices of pairs with a fake picture (an audio file_label of 1). With `augment`,
+    `image_degrade_rate` of the pictures (any label) are blurred slightly and/or re-compressed
+    as a JPEG (`degrade`). Storage is opened in
     `__iter__` (boto3 clients must not cross a fork); shards are split between DataLoader workers.
     """
 
@@ -144,11 +147,13 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
         augment: bool = False,
         pseudo_fake_rate: float = 0.0,
         audio_pseudo_fake_rate: float = 0.0,
+        image_degrade_rate: float = 0.0,
     ) -> None:
         self.storage_cfg = storage_cfg
         self.augment = augment
         self.pseudo_fake_rate = pseudo_fake_rate if augment else 0.0
         self.audio_pseudo_fake_rate = audio_pseudo_fake_rate if augment else 0.0
+        self.image_degrade_rate = image_degrade_rate
         self.shard_keys = list(shard_keys)
         self.shuffle = shuffle
         self.seed = seed
@@ -208,7 +213,7 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
                         audio = self_blend_audio(audio, augment)
                         file_label[0] = 1.0
                 if self.augment:
-                    audio, image = _augment(audio, image, crop, augment)
+                    audio, image = _augment(audio, image, crop, augment, self.image_degrade_rate)
                 elif crop:
                     image = _crop(image, crop, None)
                 yield {
@@ -303,14 +308,36 @@ def _crop(image: np.ndarray, side: int, rng: np.random.Generator | None) -> np.n
     return image[:, top : top + side, left : left + side]
 
 
+def degrade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`image` (uint8 (3, H, W)) as it may come back from being passed around: blurred slightly
+    (a Gaussian of sigma 0.2-1 px), re-saved as a JPEG of quality 65-95, or both (a third each).
+    Same shape and dtype."""
+    img = Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)))
+    kind = int(rng.integers(0, 3))  # 0: blur, 1: JPEG, 2: both
+    if kind != 1:
+        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.2, 1.0))))
+    if kind != 0:
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=int(rng.integers(65, 96)))
+        img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
 def _augment(
-    audio: np.ndarray, image: np.ndarray, crop: int, rng: np.random.Generator
+    audio: np.ndarray,
+    image: np.ndarray,
+    crop: int,
+    rng: np.random.Generator,
+    degrade_rate: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Augmentations that keep the artefacts: the image flipped left-right at random and (crop
-    mode) cropped at a random place at native resolution; the log-mel shifted in time by up to
-    1/8 of its frames, the gap filled with the floor (-1). No resizing, no blurring."""
+    """Augmentations: the image (crop mode) cropped at a random place at native resolution,
+    `degrade`d at `degrade_rate` and flipped left-right at random; the log-mel shifted in time by
+    up to 1/8 of its frames, the gap filled with the floor (-1). No resizing: the slight blur and
+    the JPEG of `degrade` weaken the finest traces, and only in a share of the pictures."""
     if crop:
         image = _crop(image, crop, rng)
+    if degrade_rate and rng.random() < degrade_rate:  # drawn only when asked for
+        image = degrade(image, rng)
     if rng.random() < 0.5:
         image = image[:, :, ::-1]
     frames = audio.shape[-1]

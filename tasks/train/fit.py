@@ -339,6 +339,7 @@ def make_datasets(
         augment=cfg.training.augment,
         pseudo_fake_rate=cfg.training.pseudo_fake_rate,
         audio_pseudo_fake_rate=cfg.training.audio_pseudo_fake_rate,
+        image_degrade_rate=cfg.training.image_degrade_rate,
     )
     val = DeepfakeDataset(cfg.storage, features.shards["val"], n_samples=sizes["val"])
     return train, val

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from config.schema import DataConfig, PipelineConfig
+from config.schema import DataConfig, PipelineConfig, StorageConfig
 from tasks.data.decode import preprocess_audio, preprocess_image
 from tasks.data.features import feature_hash
 from tasks.data.shards import DeepfakeDataset, batches, read_shard
@@ -408,20 +408,28 @@ def test_crop_mode_pads_small_images_by_reflection_instead_of_upsampling() -> No
     assert np.array_equal(out[:, top - 1, left : left + 24], small[1].T)  # mirrored edge row
 
 
+def random_shard(
+    root: Path, n: int, side: int, seed: int, crop: int = 0
+) -> tuple[StorageConfig, np.ndarray]:
+    """A shard "s.npz" of `n` pairs, real and fake in turn, with random (3, side, side) pictures
+    (pair i's id is "i"): its storage settings and the pictures."""
+    from tasks.data.shards import write_shard
+
+    storage = PipelineConfig(storage={"uri": str(root)}).storage
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 255, (n, 3, side, side), dtype=np.uint8)
+    write_shard(
+        open_storage(storage), "s.npz", audio=rng.standard_normal((n, 1, 8, 16)).astype(np.float32),
+        image=image, label=np.arange(n, dtype=np.int8) % 2, pair_id=[str(i) for i in range(n)],
+        family=["real", "f"] * (n // 2), crop=crop,
+    )  # fmt: skip
+    return storage, image
+
+
 def test_crop_mode_shards_give_centre_crops_for_evaluation_and_random_ones_for_training(
     tmp_path: Path,
 ) -> None:
-    from tasks.data.shards import write_shard
-
-    store = open_storage(PipelineConfig(storage={"uri": str(tmp_path)}).storage)
-    rng = np.random.default_rng(5)
-    image = rng.integers(0, 255, (4, 3, 40, 40), dtype=np.uint8)
-    write_shard(
-        store, "s.npz", audio=rng.standard_normal((4, 1, 8, 16)).astype(np.float32),
-        image=image, label=np.array([0, 1, 0, 1], dtype=np.int8), pair_id=list("abcd"),
-        family=["real", "f", "real", "f"], crop=32,
-    )  # fmt: skip
-    storage = PipelineConfig(storage={"uri": str(tmp_path)}).storage
+    storage, image = random_shard(tmp_path, 4, 40, seed=5, crop=32)
     plain = list(DeepfakeDataset(storage, ["s.npz"]))
     assert all(it["image"].shape == (3, 32, 32) for it in plain)
     centre = image[0, :, 4:36, 4:36].astype(np.float32) / 255.0
@@ -436,6 +444,53 @@ def test_crop_mode_shards_give_centre_crops_for_evaluation_and_random_ones_for_t
     later = [it["image"] for it in train]
     assert any(not np.array_equal(a.numpy(), b.numpy()) for a, b in zip(first, later, strict=True))
     assert all(it["audio"].shape == (1, 8, 16) for it in train)  # a time shift keeps the shape
+
+
+def test_degrade_blurs_or_recompresses_and_keeps_the_picture() -> None:
+    """A slight blur, a JPEG round trip or both: fine grain weakened, the picture kept."""
+    from tasks.data.shards import degrade
+
+    rng = np.random.default_rng(3)
+    y, x = np.mgrid[0:48, 0:48] / 48
+    base = np.stack([60 + 120 * x, 50 + 140 * y, 170 - 90 * x * y])
+    image = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+
+    def grain(img: np.ndarray) -> float:  # energy of neighbour differences: the finest detail
+        f = img.astype(np.float64)
+        return float((np.diff(f, axis=1) ** 2).mean() + (np.diff(f, axis=2) ** 2).mean())
+
+    for seed in range(12):
+        out = degrade(image, np.random.default_rng(seed))
+        assert out.shape == image.shape and out.dtype == np.uint8
+        assert grain(out) < 0.9 * grain(image), f"seed {seed}: the fine grain is not weakened"
+        # the picture itself stays: its smooth part moves by a few grey levels at most
+        assert abs(float(out.astype(float).mean() - image.astype(float).mean())) < 3
+        assert float(np.abs(out.astype(float) - base).mean()) < 12
+    first = degrade(image, np.random.default_rng(7))
+    assert np.array_equal(first, degrade(image, np.random.default_rng(7)))
+
+
+def test_training_pictures_are_degraded_at_the_rate_and_evaluation_ones_never(
+    tmp_path: Path,
+) -> None:
+    storage, image = random_shard(tmp_path, 40, 24, seed=6)
+
+    def degraded(data: DeepfakeDataset) -> int:
+        """How many pictures are neither the shard's nor its mirror image."""
+        count = 0
+        for it in data:
+            out = np.rint(it["image"].numpy() * 255).astype(np.uint8)
+            own = image[int(it["pair_id"])]
+            count += not (np.array_equal(out, own) or np.array_equal(out, own[:, :, ::-1]))
+        return count
+
+    assert degraded(DeepfakeDataset(storage, ["s.npz"], seed=1, augment=True)) == 0
+    assert degraded(DeepfakeDataset(storage, ["s.npz"], image_degrade_rate=1.0)) == 0  # evaluation
+    assert degraded(DeepfakeDataset(storage, ["s.npz"], augment=True, image_degrade_rate=1.0)) == 40
+    some = degraded(
+        DeepfakeDataset(storage, ["s.npz"], seed=1, augment=True, image_degrade_rate=0.2)
+    )
+    assert 1 <= some <= 20  # a share: 8 expected of 40
 
 
 # --- the audio front-end: band spacing and a band limit ----------------------------------------
