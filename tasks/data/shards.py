@@ -133,8 +133,8 @@ class DeepfakeDataset(IterableDataset):  # type: ignore[type-arg]
     an image file_label of 1; the pair's label stays 1. `audio_pseudo_fake_rate` does the same for
     the real voices of pairs with a fake picture (an audio file_label of 1). With `augment`,
     `image_degrade_rate` of the pictures (any label) are blurred slightly and/or re-compressed
-    as a JPEG (`degrade`). Storage is opened in
-    `__iter__` (boto3 clients must not cross a fork); shards are split between DataLoader workers.
+    as a JPEG (`degrade`). Storage is opened in `__iter__` (boto3 clients must not cross a
+    fork); shards are split between DataLoader workers.
     """
 
     def __init__(
