@@ -187,6 +187,25 @@ def test_encoders_give_emotion_embeddings() -> None:
     assert AudioModel(16)(torch.randn(2, 1, 3, 5)).shape == (2, 16)  # tiny log-mels still work
 
 
+@pytest.mark.parametrize("scale", [2, 4])
+def test_early_fusions_face_emotion_is_read_the_same_on_a_larger_copy_of_the_picture(
+    scale: int,
+) -> None:
+    """Early fusion's face emotion encoder sees the picture at most 64 px wide: a 64-px face and
+    the same face shown 2x or 4x larger give the same emotion embedding and logits (the joint
+    trunk and its decision still see every pixel)."""
+    torch.manual_seed(0)
+    model = build_model("early", config(), n_emotions=4).eval()
+    audio = torch.randn(2, 1, M, T)
+    face = torch.rand(2, 3, 64, 64)
+    larger = face.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    with torch.no_grad():
+        small, large = model(audio, face), model(audio, larger)
+    torch.testing.assert_close(large.image_emb, small.image_emb, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(large.image_emotion, small.image_emotion, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(large.audio_emb, small.audio_emb)
+
+
 def test_bad_inputs_are_refused_with_their_shapes() -> None:
     model = build_model("mid", config())
     audio, image = inputs()
