@@ -178,8 +178,9 @@ class TrainingConfig(Section):
     # With augment, this share of the training pictures (real and fake alike, pseudo-fakes
     # included) is blurred slightly, re-compressed as a JPEG or both, as pictures are on their
     # way around: the image branch learns traces that survive that, not the finest ones alone
-    # (after Wang et al., CVPR 2020; benchmarks/README.md, "Blurred and re-compressed"). 0 = off.
-    image_degrade_rate: Annotated[float, Field(ge=0, le=1)] = 0.2
+    # (after Wang et al., CVPR 2020, who degraded half of theirs; benchmarks/README.md, "Blurred
+    # and re-compressed" and "Half of the training pictures degraded"). 0 = off.
+    image_degrade_rate: Annotated[float, Field(ge=0, le=1)] = 0.5
     # With augment, this share of the training pairs with a fake voice and a real picture sees a
     # self-blended pseudo-fake of the picture instead (a region resampled, re-coloured, blurred,
     # sharpened, re-noised or shifted, then blended back in; tasks/data/pseudofake.py),
