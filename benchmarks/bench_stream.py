@@ -319,8 +319,17 @@ def _peer_worker_init(_: int) -> None:
 _PEER_LIMITS: Any = None
 
 
-def peer(cfg: Any, rows: list[Any], endpoint: str) -> float:
-    """Seconds for every object of `rows` through S3IterableDataset + DataLoader(cores)."""
+@dataclass
+class Peer:
+    seconds: float  # every object read and decoded
+    client_cpu_s: float  # this process and its DataLoader workers (forked, ended, reaped)
+    server_cpu_s: float  # SeaweedFS's and the latency proxy's CPU meanwhile (same cores)
+
+
+def peer(cfg: Any, rows: list[Any], endpoint: str, server_pids: Sequence[int]) -> Peer:
+    """Every object of `rows` through S3IterableDataset + DataLoader(cores), with the CPU each
+    side of the HTTP connection spent. It only decodes: unlike the product, it neither hands
+    the arrays back nor writes shards to the store."""
     import torch
     from s3torchconnector import S3ClientConfig, S3IterableDataset
 
@@ -346,10 +355,12 @@ def peer(cfg: Any, rows: list[Any], endpoint: str) -> float:
         nonlocal n
         n = sum(1 for _ in loader)
 
-    seconds = timed(run)
+    client, server = own_cpu_s(), sum(cpu_s(p) for p in server_pids)
+    seconds = timed(run)  # the workers are joined as the iteration ends: in RUSAGE_CHILDREN
+    client, server = own_cpu_s() - client, sum(cpu_s(p) for p in server_pids) - server
     if n != len(uris):
         raise RuntimeError(f"the peer read {n} of {len(uris)} objects")
-    return seconds
+    return Peer(seconds, client, server)
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,6 +435,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "decode_bound": [], "naive": [], "product": [], "cache_hit_s": [],
                         "cold_s": [], "peer": [], "client_cpu_ms_per_pair": [],
                         "server_cpu_ms_per_pair": [], "server_share": [],
+                        "peer_cpu_ms_per_pair": [], "peer_server_cpu_ms_per_pair": [],
                     }  # fmt: skip
                     for _ in range(args.repeats):
                         # The bound beside the others in every repeat: the machine's load moves.
@@ -438,7 +450,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         # the share of the cores the store and the proxy took from the build
                         runs["server_share"].append(build.server_cpu_s / (build.cold_s * cores()))
                         if not args.no_peer:
-                            runs["peer"].append(len(rows) / peer(cfg, rows, proxy.endpoint))
+                            ran = peer(cfg, rows, proxy.endpoint, (weed.proc.pid, proxy.proc.pid))
+                            runs["peer"].append(len(rows) / ran.seconds)
+                            runs["peer_cpu_ms_per_pair"].append(1000 * ran.client_cpu_s / len(rows))
+                            runs["peer_server_cpu_ms_per_pair"].append(
+                                1000 * ran.server_cpu_s / len(rows)
+                            )
                 finally:
                     proxy.stop()
                 bounds += runs["decode_bound"]
@@ -490,7 +507,8 @@ def print_row(size: str, rtt: float, bound: float, row: dict[str, Any]) -> None:
     """One line of the table (the benchmark's output is its report: stdout)."""
     m = row["pairs_per_s"]
     peer = (
-        f"peer {m['peer']:7.1f}/s  product/peer {row['product_vs_peer']:5.2f}x"
+        f"peer {m['peer']:7.1f}/s  product/peer {row['product_vs_peer']:5.2f}x  peer CPU/pair ms "
+        f"{m['peer_cpu_ms_per_pair']:4.1f}, store {m['peer_server_cpu_ms_per_pair']:4.1f}"
         if "peer" in m
         else "peer -"
     )

@@ -47,6 +47,7 @@ def test_the_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
         # both sides of the connection did work: the build's processes and the store's
         cpu = row["pairs_per_s"]
         assert cpu["client_cpu_ms_per_pair"] > 0 and cpu["server_cpu_ms_per_pair"] > 0
+        assert cpu["peer_cpu_ms_per_pair"] > 0 and cpu["peer_server_cpu_ms_per_pair"] > 0
         assert 0 < cpu["server_share"] < 1
         assert row["cache_hit_speedup"] > 0
     assert proc.stdout.count(" ms  bound ") == 2  # one table line per round trip
