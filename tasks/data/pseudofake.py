@@ -20,10 +20,10 @@ the emotions' disagreement, not a trace.
 
 `self_blend_audio` is the same for the voice, on the shard's log-mels: one stretch of time and
 frequency (most often the upper bands, where vocoders differ most) smeared in time or across
-bands, its harmonics flattened towards the envelope, re-noised, lowered or its envelope
-re-shaped, blended back in through soft edges. `training.audio_pseudo_fake_rate` (0.5 by
-default) shows one to that share of the training pairs with a real voice and a fake face, with
-an audio label of 1.
+bands, its harmonics flattened towards the envelope or sharpened above it, re-noised, lowered
+or its envelope re-shaped, blended back in through soft edges. `training.audio_pseudo_fake_rate`
+(0.5 by default) shows one to that share of the training pairs with a real voice and a fake
+face, with an audio label of 1.
 """
 
 from __future__ import annotations
@@ -128,9 +128,10 @@ def _mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
 def self_blend_audio(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A pseudo-fake voice: the log-mel (1, M, T) (floor -1) altered in one stretch of time and
     frequency by one to three of the processes vocoders and TTS leave (smeared in time, smeared
-    across bands, fine harmonic structure flattened to the envelope, a fresh noise floor, the
-    band's level lowered, a spectral envelope that is not the speaker's), blended back through a
-    mask with soft edges. Always differs from its source."""
+    across bands, fine harmonic structure flattened to the envelope or stretched above it (a
+    source too regular), a fresh noise floor, the band's level lowered, a spectral envelope that
+    is not the speaker's), blended back through a mask with soft edges. Always differs from its
+    source."""
     # (M, T), not copied: every step below returns a new array, so the caller's is never written
     original: np.ndarray = np.asarray(audio[0], dtype=np.float32)
     y = original
@@ -178,6 +179,14 @@ def _flatten_harmonics(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return y + rng.uniform(0.5, 1.0) * (envelope - y)
 
 
+def _sharpen_harmonics(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A source too regular: each band's distance from the envelope across bands stretched by
+    30-100%, so harmonics stand higher above their valleys than the speaker's (a pulse-excited
+    vocoder's buzz, a missing aperiodic part), kept within the log-mel's range."""
+    envelope = ndimage.uniform_filter1d(y, size=int(rng.integers(9, 16)), axis=0, mode="nearest")
+    return np.clip(y + rng.uniform(0.3, 1.0) * (y - envelope), -1.0, 1.0)
+
+
 def _renoise_voice(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     smooth = ndimage.uniform_filter(y, size=int(rng.integers(3, 6)), mode="nearest")
     return smooth + rng.normal(0.0, rng.uniform(0.02, 0.08), y.shape).astype(np.float32)
@@ -204,6 +213,7 @@ _AUDIO_OPS: tuple[Callable[[np.ndarray, np.random.Generator], np.ndarray], ...] 
     _smear_time,
     _smear_bands,
     _flatten_harmonics,
+    _sharpen_harmonics,
     _renoise_voice,
     _lower_level,
     _reshape_envelope,

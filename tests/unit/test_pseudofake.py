@@ -11,7 +11,12 @@ import pytest
 from pydantic import ValidationError
 
 from config.schema import PipelineConfig, TrainingConfig
-from tasks.data.pseudofake import _reshape_envelope, self_blend, self_blend_audio
+from tasks.data.pseudofake import (
+    _reshape_envelope,
+    _sharpen_harmonics,
+    self_blend,
+    self_blend_audio,
+)
 from tasks.data.shards import DeepfakeDataset, write_shard
 from tasks.io.storage import open_storage
 
@@ -164,6 +169,25 @@ def test_a_reshaped_envelope_moves_whole_bands_smoothly_within_the_range() -> No
     for seed in range(40):
         out = _reshape_envelope(loud, np.random.default_rng(seed))
         assert out.max() <= 1.0 and out.min() >= -1.0
+
+
+def test_sharpened_harmonics_stand_higher_above_their_valleys_within_the_range() -> None:
+    """The opposite of flattening: each band's distance from the envelope across bands grows
+    (by 30-100%), the envelope itself stays, and nothing leaves the log-mel's [-1, 1]."""
+    audio = spoken()[0]
+    inner = slice(8, -8)  # away from the edge bands, where the envelope filter pads
+
+    def contrast(y: np.ndarray) -> float:
+        return float(np.abs(np.diff(y[inner], axis=0)).mean())
+
+    for seed in range(40):
+        out = _sharpen_harmonics(audio, np.random.default_rng(seed))
+        assert out.shape == audio.shape and out.dtype == np.float32
+        assert out.min() >= -1.0 and out.max() <= 1.0
+        assert 1.2 < contrast(out) / contrast(audio) < 2.1, f"seed {seed}"
+        # the envelope (each frame's mean over the inner bands) moves far less than the detail
+        shift = np.abs(out[inner].mean(axis=0) - audio[inner].mean(axis=0)).max()
+        assert shift < 0.2 * contrast(audio), f"seed {seed}: the envelope moved by {shift:.3f}"
 
 
 def test_fake_face_pairs_are_shown_pseudo_fakes_of_their_real_voices_labelled_fake_audio(
