@@ -20,7 +20,8 @@ Measured, per size and round trip, the median of `--repeats` runs (pairs/s):
   product        `build_features` from raw objects to finished shards and index, cache cleared
                  (with the decode processes' start-up, which `startup_s` gives on its own);
   peer           the same decoders behind s3torchconnector's `S3IterableDataset` (the CRT
-                 client) in a DataLoader with one worker per core;
+                 client) in a DataLoader with one worker per core, with its CPU and the store's
+                 while it reads (it only decodes: no arrays handed back, no shards written);
   cache_hit      `build_features` again on unchanged data, against the cold build.
 The table goes to stdout, every run's figures to `--out`. `--smoke` runs a tiny version (what
 the test suite checks; its figures mean nothing).
