@@ -495,8 +495,9 @@ def test_unusable_inputs_fail_before_training(tmp_path: Path) -> None:
 
 
 # The bar of the test below, measured with the default recipe (best validation ROC-AUC; chance
-# 0.5) at 48 px images and 32x32 log-mels with numpy's AVX-512 kernels: early 0.891, mid 0.956,
-# late 0.961 (2026-12-07, half of the pictures blurred or re-compressed; 0.925 / 0.964 / 0.974 with
+# 0.5) at 48 px images and 32x32 log-mels with numpy's AVX-512 kernels: early 0.930, mid 0.948,
+# late 0.956 (2026-12-07, harmonics sharpened among the voice alterations; 0.891 / 0.956 / 0.961
+# before, half of the pictures blurred or re-compressed; 0.925 / 0.964 / 0.974 with
 # a fifth and early's face emotion encoder on the picture itself; early 0.899 before that encoder,
 # with a fifth of the pictures blurred or re-compressed; 0.883 / 0.954 / 0.972 before that,
 # 0.861 / 0.961 / 0.961 before the re-shaped envelope, 0.899 / 0.964 / 0.956 with the voices off;
