@@ -5,6 +5,8 @@
     fit_threshold(labels, scores, rule, target_fpr) -> threshold
     fit_operating_point(logits, labels, rule, target_fpr) -> OperatingPoint
     operating_point_of(metadata, fixed_threshold) -> OperatingPoint   what a model file carries
+    ensemble_scores(scores, points) -> scores  the fusions' combined verdict (below)
+    ensemble_threshold(points) -> threshold    where that verdict says fake
 
 Training fits the point on its validation predictions and stores `OperatingPoint.as_dict()` under
 "operating_point" in the model file's metadata; evaluation reads it back and calls a test score
@@ -25,6 +27,17 @@ at or above `threshold` fake. Conventions (label 1 = fake, 0 = real):
     rule "fixed"  not fitted: a configured threshold at temperature 1 (model files from before
                   operating points, or a validation split without both classes)
 
+The ensemble: a fitted point also keeps `reference`, the validation split's real pairs'
+calibrated scores (sorted; at most REFERENCE_SIZE, evenly spaced quantiles beyond). A test score
+becomes its rank among them (`rank_among`: the share of validation reals scoring below it, ties
+counted half, in [0, 1]: how much more fake than a real pair it looks, on that fusion's own
+scale), and the ensemble's score is the mean of the fusions' ranks. Ranks, not probabilities:
+each fusion's calibrated scores are spread differently (one may give 1.0 to anything unusual),
+and a mean of probabilities follows the most confident fusion. Its threshold is the mean of the
+fusions' thresholds' ranks: about 1 - the mean of their validation false-positive rates. On
+fake families no fusion was trained on (`benchmarks/README.md`) the mean rank beat each single
+fusion chosen in advance, though not the one that, afterwards, turned out best.
+
 Pure numpy and scipy; no torch, no sklearn.
 """
 
@@ -32,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +60,8 @@ FIXED = "fixed"  # the rule of a point that was not fitted
 MIN_TEMPERATURE = 0.05
 MAX_TEMPERATURE = 20.0
 METADATA_KEY = "operating_point"  # where a model file's metadata holds the point
+REFERENCE_SIZE = 1001  # validation reals' scores a point keeps (evenly spaced quantiles beyond)
+ENSEMBLE = "ensemble"  # the name of the combined verdict in metrics.json and the CSVs
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,9 @@ class OperatingPoint:
     rule: str  # "eer", "fpr" or "fixed"
     target_fpr: float | None  # the FPR budget of rule "fpr", else None
     n_val: int  # validation samples it was fitted on (0: not fitted)
+    # the validation reals' calibrated scores, ascending (what `rank_among` ranks against); ()
+    # for a point not fitted, or from a model file written before the ensemble
+    reference: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rule not in (*RULES, FIXED):
@@ -71,9 +90,13 @@ class OperatingPoint:
             raise ValueError(f"rule 'fpr' needs a target_fpr in (0, 1), got {self.target_fpr}")
         if self.n_val < 0:
             raise ValueError(f"n_val must be >= 0, got {self.n_val}")
+        ref = np.asarray(self.reference, dtype=np.float64)
+        if ref.size and not (np.all((ref >= 0) & (ref <= 1)) and np.all(np.diff(ref) >= 0)):
+            raise ValueError("reference must be ascending calibrated scores in [0, 1]")
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain str/float/int/None values, keys in a fixed order."""
+        """Plain str/float/int/None values, keys in a fixed order (what metrics.json and the
+        report show; `as_metadata` adds the reference)."""
         return {
             "threshold": float(self.threshold),
             "temperature": float(self.temperature),
@@ -81,6 +104,10 @@ class OperatingPoint:
             "target_fpr": None if self.target_fpr is None else float(self.target_fpr),
             "n_val": int(self.n_val),
         }
+
+    def as_metadata(self) -> dict[str, Any]:
+        """`as_dict` and the reference: what a model file stores."""
+        return {**self.as_dict(), "reference": [float(v) for v in self.reference]}
 
     @classmethod
     def from_dict(cls, data: Any) -> OperatingPoint:
@@ -98,6 +125,7 @@ class OperatingPoint:
                 rule=str(data["rule"]),
                 target_fpr=None if target is None else float(target),
                 n_val=int(data["n_val"]),
+                reference=tuple(float(v) for v in data.get("reference") or ()),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"not a readable operating point {data!r} ({exc})") from exc
@@ -220,7 +248,49 @@ def fit_operating_point(
         rule=rule,
         target_fpr=float(target_fpr) if rule == "fpr" and target_fpr is not None else None,
         n_val=int(len(y)),
+        reference=reference_scores(scores[y == 0]),
     )
+
+
+def reference_scores(real_scores: Any) -> tuple[float, ...]:
+    """The validation reals' calibrated scores a point keeps: ascending, at most
+    REFERENCE_SIZE (evenly spaced quantiles of them beyond that)."""
+    s = np.sort(np.asarray(real_scores, dtype=np.float64))
+    if len(s) > REFERENCE_SIZE:
+        s = np.quantile(s, np.linspace(0.0, 1.0, REFERENCE_SIZE))
+    return tuple(float(v) for v in s)
+
+
+def rank_among(reference: Any, scores: Any) -> np.ndarray:
+    """Each score's rank among the `reference` scores (ascending), in [0, 1]: the share of
+    them below it, ties counted half."""
+    ref = np.asarray(reference, dtype=np.float64)
+    if ref.ndim != 1 or not ref.size:
+        raise ValueError("the reference must hold at least one score")
+    s = np.asarray(scores, dtype=np.float64)
+    below = np.searchsorted(ref, s, side="left") + np.searchsorted(ref, s, side="right")
+    return below / (2.0 * len(ref))
+
+
+def has_ensemble(points: Mapping[str, OperatingPoint]) -> bool:
+    """Two fusions or more, each with a reference: the ensemble can be formed."""
+    return len(points) >= 2 and all(p.reference for p in points.values())
+
+
+def ensemble_scores(scores: Mapping[str, Any], points: Mapping[str, OperatingPoint]) -> np.ndarray:
+    """The mean over the fusions of each calibrated score's rank among that fusion's validation
+    reals (`scores`: fusion -> scores of the same samples, in the same order)."""
+    if not has_ensemble(points):
+        raise ValueError("an ensemble needs two fusions or more, each with a reference")
+    return np.mean([rank_among(points[f].reference, scores[f]) for f in points], axis=0)
+
+
+def ensemble_threshold(points: Mapping[str, OperatingPoint]) -> float:
+    """The mean of the fusions' thresholds' ranks among their validation reals: an ensemble
+    score at or above it is fake."""
+    if not has_ensemble(points):
+        raise ValueError("an ensemble needs two fusions or more, each with a reference")
+    return float(np.mean([rank_among(p.reference, [p.threshold])[0] for p in points.values()]))
 
 
 def operating_point_of(metadata: Any, fixed_threshold: float) -> OperatingPoint:

@@ -400,7 +400,7 @@ def save_epoch(
         point = fit_operating_point(
             preds.logit, preds.label, ecfg.operating_point, ecfg.target_fpr, ecfg.threshold
         )
-        extra = {"operating_point": point.as_dict(), "val_auc": state.best_val_auc}
+        extra = {"operating_point": point.as_metadata(), "val_auc": state.best_val_auc}
         val_loss = state.history[-1]["val_loss"]
         save_model(
             store,

@@ -10,12 +10,17 @@ import pytest
 
 from tasks.evaluate import calibration
 from tasks.evaluate.calibration import (
+    REFERENCE_SIZE,
     OperatingPoint,
     calibrated_scores,
+    ensemble_scores,
+    ensemble_threshold,
     fit_operating_point,
     fit_temperature,
     fit_threshold,
+    has_ensemble,
     operating_point_of,
+    rank_among,
 )
 from tasks.evaluate.metrics import equal_error_rate
 
@@ -145,9 +150,15 @@ def test_fit_operating_point_fits_temperature_then_threshold() -> None:
 def test_operating_point_round_trips_through_plain_json() -> None:
     z, y = synthetic(2.0, n=500, seed=4)
     op = fit_operating_point(z, y, "eer")
-    data = op.as_dict()
-    assert list(data) == ["threshold", "temperature", "rule", "target_fpr", "n_val"]
+    data = op.as_metadata()
+    assert list(data) == ["threshold", "temperature", "rule", "target_fpr", "n_val", "reference"]
     assert OperatingPoint.from_dict(json.loads(json.dumps(data))) == op
+    # what metrics.json shows: the point without its reference; a file from before the
+    # reference reads back with none
+    assert list(op.as_dict()) == list(data)[:-1]
+    assert OperatingPoint.from_dict(op.as_dict()).reference == ()
+    with pytest.raises(ValueError, match="reference must be ascending"):
+        OperatingPoint.from_dict({**data, "reference": [0.5, 0.2]})
     with pytest.raises(ValueError, match="lacks n_val"):
         OperatingPoint.from_dict({k: v for k, v in data.items() if k != "n_val"})
     with pytest.raises(ValueError, match="temperature must be finite and > 0"):
@@ -162,3 +173,61 @@ def test_operating_point_of_a_model_file() -> None:
     assert operating_point_of({"epoch": 3}, 0.5) == OperatingPoint(0.5, 1.0, "fixed", None, 0)
     with pytest.raises(ValueError, match="operating point"):
         operating_point_of({"operating_point": "eer"}, 0.5)
+
+
+def test_a_fitted_point_keeps_its_validation_reals_scores_as_the_reference() -> None:
+    z, y = synthetic(2.0, n=500, seed=4)
+    op = fit_operating_point(z, y, "eer")
+    reals = np.sort(calibrated_scores(z, op.temperature)[y == 0])
+    assert np.allclose(op.reference, reals, rtol=0, atol=1e-12)
+    # beyond REFERENCE_SIZE reals: evenly spaced quantiles, the lowest and highest kept
+    z, y = synthetic(2.0, n=5_000, seed=5)
+    big = fit_operating_point(z, y, "eer")
+    reals = np.sort(calibrated_scores(z, big.temperature)[y == 0])
+    assert len(reals) > REFERENCE_SIZE and len(big.reference) == REFERENCE_SIZE
+    assert big.reference[0] == pytest.approx(reals[0], abs=1e-12)
+    assert big.reference[-1] == pytest.approx(reals[-1], abs=1e-12)
+    assert big.reference[500] == pytest.approx(np.median(reals), abs=1e-9)
+
+
+def test_rank_among_counts_the_reference_below_with_ties_half() -> None:
+    ref = [0.1, 0.2, 0.2, 0.4]
+    got = rank_among(ref, [0.0, 0.1, 0.15, 0.2, 0.3, 0.4, 0.9])
+    assert got.tolist() == [0.0, 0.125, 0.25, 0.5, 0.75, 0.875, 1.0]
+    with pytest.raises(ValueError, match="at least one score"):
+        rank_among([], [0.5])
+
+
+def point(threshold: float, reference: list[float]) -> OperatingPoint:
+    return OperatingPoint(threshold, 1.0, "eer", None, 2 * len(reference), tuple(reference))
+
+
+def test_the_ensemble_follows_the_fusions_ranks_not_the_most_confident_fusions_probability() -> (
+    None
+):
+    # "a" is confident (near 1 for anything unusual), "b" spreads its scores: a mean of
+    # probabilities would follow "a"; the ranks weigh the two alike
+    points = {
+        "a": point(0.999, [0.0, 0.001, 0.002, 0.003]),
+        "b": point(0.35, [0.1, 0.2, 0.3, 0.4]),
+    }
+    # X: above every real for "a", low for "b"; Y: above most reals for "a", every real for "b"
+    scores = {"a": np.array([0.9999, 0.0025]), "b": np.array([0.15, 0.45])}
+    got = ensemble_scores(scores, points)
+    assert got == pytest.approx([(1.0 + 0.25) / 2, (0.75 + 1.0) / 2])
+    assert got[1] > got[0]  # Y looks more fake to the two together
+    assert np.mean([scores["a"], scores["b"]], axis=0).tolist() == pytest.approx([0.57495, 0.22625])
+    # fake at or above the mean of the thresholds' ranks: 1.0 and 0.75 here
+    assert ensemble_threshold(points) == pytest.approx((1.0 + 0.75) / 2)
+    assert (got >= ensemble_threshold(points)).tolist() == [False, True]
+
+
+def test_an_ensemble_needs_two_fusions_each_with_a_reference() -> None:
+    with_ref = point(0.5, [0.1, 0.2])
+    assert has_ensemble({"a": with_ref, "b": with_ref})
+    assert not has_ensemble({"a": with_ref})
+    assert not has_ensemble({"a": with_ref, "b": OperatingPoint(0.5, 1.0, "fixed", None, 0)})
+    with pytest.raises(ValueError, match="two fusions or more"):
+        ensemble_scores({"a": np.array([0.5])}, {"a": with_ref})
+    with pytest.raises(ValueError, match="two fusions or more"):
+        ensemble_threshold({"a": with_ref})

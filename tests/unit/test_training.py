@@ -30,6 +30,7 @@ from flows.steps import collect_losses, train_fusion_task
 from models import TRAINING_ONLY, FusionOutput, build_model
 from tasks.data.shards import DeepfakeDataset, write_shard
 from tasks.errors import CheckpointError, ConfigError, DataError
+from tasks.evaluate.calibration import calibrated_scores
 from tasks.evaluate.inference import predict
 from tasks.io import records
 from tasks.io.layout import FAKE, REAL, Layout
@@ -189,6 +190,9 @@ def test_each_fusion_learns_well_above_chance_and_writes_its_files(
     assert preds.score.shape == (16,) and preds.audio_emb.shape == (16, 128)
     assert preds.pair_id[0] == "p2-0" and preds.family.dtype.kind == "U"
     assert ((preds.score >= 0.5) == (preds.label == FAKE)).mean() >= 0.8
+    # the ensemble's reference: the 8 validation reals' calibrated scores, ascending
+    reals = calibrated_scores(preds.logit[preds.label == REAL], point["temperature"])
+    assert point["reference"] == pytest.approx(sorted(reals), abs=1e-5)
 
 
 def test_fit_streams_from_and_writes_to_s3(s3_server: Any, s3_bucket: str) -> None:
