@@ -107,19 +107,26 @@ def leave_one_family_out(
     return out.getvalue()
 
 
+def verdicts(doc: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """Each fusion's entry of a metrics.json document, and its "ensemble" when it has one."""
+    ensemble = {"ensemble": doc["ensemble"]} if doc.get("ensemble") else {}
+    return {**doc["fusions"], **ensemble}
+
+
 def headline(doc: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """fusion -> {"roc_auc", "eer"} of a metrics.json document."""
+    """fusion (or "ensemble") -> {"roc_auc", "eer"} of a metrics.json document."""
     return {
         fusion: {k: float(entry["metrics"][k]) for k in ("roc_auc", "eer")}
-        for fusion, entry in doc["fusions"].items()
+        for fusion, entry in verdicts(doc).items()
     }
 
 
 def family_auc(doc: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """fusion -> {family: ROC-AUC of its fakes vs all reals} of a metrics.json document."""
+    """fusion (or "ensemble") -> {family: ROC-AUC of its fakes vs all reals} of a metrics.json
+    document."""
     return {
         fusion: {name: float(v["roc_auc"]) for name, v in entry.get("families", {}).items()}
-        for fusion, entry in doc["fusions"].items()
+        for fusion, entry in verdicts(doc).items()
     }
 
 

@@ -100,6 +100,14 @@ def operating_point_lines(doc: Mapping[str, Any]) -> list[str]:
             f"{at['balanced_accuracy']:.4f} ({fixed['balanced_accuracy']:.4f}) | "
             f"{at['f1']:.4f} ({fixed['f1']:.4f}) | {at['fpr']:.4f} | {at['tpr']:.4f} |"
         )
+    ens = doc.get("ensemble")
+    if ens:  # a mean rank, not a probability: no temperature, no fixed threshold
+        at = ens["metrics_at_operating_point"]
+        lines.append(
+            f"| ensemble (ROC-AUC {ens['metrics']['roc_auc']:.4f}) | {ens['threshold']:.4f} | "
+            f"mean rank | - | {at['balanced_accuracy']:.4f} | {at['f1']:.4f} | "
+            f"{at['fpr']:.4f} | {at['tpr']:.4f} |"
+        )
     return ["", *lines]
 
 

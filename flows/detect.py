@@ -9,7 +9,9 @@
 a --pairs CSV has audio_key,image_key columns, as dataset/pairs.csv. The CSV written (to --out,
 else outputs/detections/<id>/detections.csv in the bucket) holds the two keys, then
 score_<fusion> (the calibrated probability of fake) and decision_<fusion> (fake or real) per
-fusion; the files that could not be scored are listed with the reason beside it (skipped.json).
+fusion, and with two or more the ensemble's score_ensemble and decision_ensemble (their mean
+rank among their validation reals); the files that could not be scored are listed with the
+reason beside it (skipped.json).
 As a flow run it also publishes the table as the `detections` artifact.
 """
 

@@ -11,8 +11,8 @@
                                               images/ files by name
     score_pairs(store, detectors, pairs, ...) -> Detection   scores, decisions and skipped files
     write_detection(store, key, detection)    the CSV: audio_key, image_key, then per fusion
-                                              score_<fusion>, decision_<fusion>; skipped.json
-                                              beside it
+                                              score_<fusion>, decision_<fusion> (and the
+                                              ensemble's, below); skipped.json beside it
 
 Every input is preprocessed as the model's own training and evaluation preprocessed it: the model
 file stores its run's resolved config, so its `data` settings drive `preprocess_audio` and
@@ -22,6 +22,9 @@ decoded arrays go through a shard's round trip (float16 log-mel, uint8 image) an
 `inference.predict`. The score is the calibrated one, sigmoid(logit / temperature), and the
 decision "fake" when it is at or above the threshold fitted on validation, both from the model
 file's operating point (`publish.operating_point`), exactly as the evaluation's predictions.csv.
+With two fusions or more whose model files keep their validation reals' scores, the pair also
+gets `score_ensemble` and `decision_ensemble`: the fusions' combined verdict
+(`calibration.ensemble_scores`), as in predictions.csv.
 
 A pair whose file is missing or cannot be decoded is skipped and listed (key, reason, stage), as
 the feature build does; only when no pair at all can be scored is it an error.
@@ -59,7 +62,14 @@ from tasks.errors import (
     is_transient_error,
 )
 from tasks.evaluate import inference, publish
-from tasks.evaluate.calibration import OperatingPoint, calibrated_scores
+from tasks.evaluate.calibration import (
+    ENSEMBLE,
+    OperatingPoint,
+    calibrated_scores,
+    ensemble_scores,
+    ensemble_threshold,
+    has_ensemble,
+)
 from tasks.io import records
 from tasks.io.layout import FAKE, LABEL_NAMES, REAL, Layout, new_run_id
 from tasks.io.storage import LocalStorage, Storage
@@ -91,6 +101,7 @@ class Detection:
     """What scoring a list of pairs gives: one row per scored pair, the files left out."""
 
     fusions: list[str]
+    ensemble: bool = False  # the rows hold score_ensemble and decision_ensemble too
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
 
@@ -102,7 +113,8 @@ class DetectionRef(Ref):
     scores_uri: str  # the CSV
     skipped_uri: str  # skipped.json beside it
     models: dict[str, str]  # fusion -> model key
-    thresholds: dict[str, float]  # fusion -> decision threshold (calibrated score)
+    thresholds: dict[str, float]  # fusion -> decision threshold (calibrated score); "ensemble"
+    # -> the ensemble's (a mean rank) when it was formed
     n_pairs: int
     n_scored: int
     skipped: list[dict[str, str]] = Field(default_factory=list)
@@ -329,7 +341,9 @@ def score_pairs(
 ) -> Detection:
     """Every pair scored by every detector, in the order given; pairs with a bad file skipped.
     A key found neither locally nor at the storage root is looked for under `dataset_prefix`."""
-    result = Detection(fusions=[d.fusion for d in detectors])
+    points = {d.fusion: d.point for d in detectors}
+    result = Detection(fusions=list(points), ensemble=has_ensemble(points))
+    ensemble_at = ensemble_threshold(points) if result.ensemble else 0.0
     # Detectors that preprocess alike share one decode.
     groups: dict[str, list[Detector]] = {}
     for d in detectors:
@@ -379,20 +393,31 @@ def score_pairs(
                     row[f"decision_{d.fusion}"] = LABEL_NAMES[
                         FAKE if score >= d.point.threshold else REAL
                     ]
+                if result.ensemble:
+                    one = {f: [row[f"score_{f}"]] for f in points}
+                    score = float(ensemble_scores(one, points)[0])
+                    row[f"score_{ENSEMBLE}"] = score
+                    row[f"decision_{ENSEMBLE}"] = LABEL_NAMES[
+                        FAKE if score >= ensemble_at else REAL
+                    ]
                 result.rows.append(row)
             done = min(start + chunk, len(pairs))
             log.info("%d of %d pairs done: %d scored", done, len(pairs), len(result.rows))
     return result
 
 
-def columns(fusions: Sequence[str]) -> list[str]:
-    """The CSV's header: the two keys, then score_<fusion>, decision_<fusion> per fusion."""
-    return [*PAIR_COLUMNS, *(c for f in fusions for c in (f"score_{f}", f"decision_{f}"))]
+def columns(fusions: Sequence[str], ensemble: bool = False) -> list[str]:
+    """The CSV's header: the two keys, then score_<fusion>, decision_<fusion> per fusion, and
+    with `ensemble` the ensemble's two."""
+    verdicts = [*fusions, *([ENSEMBLE] if ensemble else [])]
+    return [*PAIR_COLUMNS, *(c for f in verdicts for c in (f"score_{f}", f"decision_{f}"))]
 
 
 def csv_bytes(detection: Detection) -> bytes:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns(detection.fusions), lineterminator="\n")
+    writer = csv.DictWriter(
+        out, fieldnames=columns(detection.fusions, detection.ensemble), lineterminator="\n"
+    )
     writer.writeheader()
     for row in detection.rows:
         writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
@@ -510,7 +535,14 @@ def detect(
         scores_uri=uri,
         skipped_uri=skipped_uri,
         models={d.fusion: d.model_key for d in detectors},
-        thresholds={d.fusion: d.point.threshold for d in detectors},
+        thresholds={
+            **{d.fusion: d.point.threshold for d in detectors},
+            **(
+                {ENSEMBLE: ensemble_threshold({d.fusion: d.point for d in detectors})}
+                if detection.ensemble
+                else {}
+            ),
+        },
         n_pairs=len(todo),
         n_scored=len(detection.rows),
         skipped=detection.skipped,

@@ -183,6 +183,20 @@ def calculate_metrics(
     return {name: out[name] for name in METRIC_NAMES}
 
 
+def ranking_metrics(y_true: Any, y_score: Any) -> dict[str, float]:
+    """The metrics of a score's order alone (ROC-AUC, AP, EER and its threshold, TPR at 1%
+    FPR): what a score that is not a probability (the ensemble's rank) can be judged by."""
+    y, s = check_inputs(y_true, y_score)
+    eer, eer_threshold = equal_error_rate(y, s)
+    return {
+        "roc_auc": float(roc_auc_score(y, s)),
+        "average_precision": float(average_precision_score(y, s)),
+        "eer": eer,
+        "eer_threshold": eer_threshold,
+        "tpr_at_1pct_fpr": tpr_at_fpr(y, s),
+    }
+
+
 def threshold_metrics(y_true: Any, y_score: Any, threshold: float) -> dict[str, Any]:
     """THRESHOLD_METRIC_NAMES and the confusion matrix when a score >= `threshold` is called
     fake; any finite threshold (a fitted one may lie just above every score)."""

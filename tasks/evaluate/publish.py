@@ -20,7 +20,10 @@
 Each fusion's test scores are the calibrated ones, sigmoid(logit / temperature); metrics.json
 holds the metrics at the fixed `evaluation.threshold` ("metrics", "confusion", "families") and at
 the fitted point ("operating_point", "metrics_at_operating_point"). Temperature scaling is
-monotonic, so the ranking metrics (ROC-AUC, AP, EER) do not depend on it.
+monotonic, so the ranking metrics (ROC-AUC, AP, EER) do not depend on it. With two fusions or
+more whose model files keep their validation reals' scores, metrics.json also holds "ensemble"
+(`ensemble_entry`): the fusions' combined verdict (`calibration.ensemble_scores`), its ranking
+metrics, its threshold and the metrics there, per family; predictions.csv its score and decision.
 
 `refs.json` is written first, so `python -m flows.evaluate --run RUN` can redo the evaluation from
 the bucket alone: it names the feature shards of the test split, the model files and the run's
@@ -49,9 +52,13 @@ from tasks.errors import DataError, ObjectNotFound
 from tasks.evaluate import inference, plots
 from tasks.evaluate import metrics as evaluation
 from tasks.evaluate.calibration import (
+    ENSEMBLE,
     OperatingPoint,
     calibrated_scores,
+    ensemble_scores,
+    ensemble_threshold,
     fixed_point,
+    has_ensemble,
     operating_point_of,
 )
 from tasks.evaluate.report import render_report
@@ -254,32 +261,76 @@ def calibrated_test(
     return {f: calibrated_scores(predictions[f].logit, points[f].temperature) for f in points}
 
 
+def aligned_scores(
+    predictions: Mapping[str, inference.Predictions], points: Mapping[str, OperatingPoint]
+) -> dict[str, np.ndarray]:
+    """Each fusion's calibrated test scores in the first fusion's order (the test shards'),
+    matched by pair id; a pair one fusion did not score is a `DataError`."""
+    fusions = list(points)
+    scores = calibrated_test(predictions, points)
+    order = [str(p) for p in predictions[fusions[0]].pair_id]
+    out = {}
+    for f in fusions:
+        index = {str(p): i for i, p in enumerate(predictions[f].pair_id)}
+        missing = [p for p in order if p not in index]
+        if missing:
+            raise DataError(f"{f}: scored no test pair {missing[0]} (the other fusions did)")
+        out[f] = scores[f][[index[p] for p in order]]
+    return out
+
+
 def predictions_csv(
     predictions: Mapping[str, inference.Predictions], points: Mapping[str, OperatingPoint]
 ) -> bytes:
     """predictions.csv: one row per test pair (pair_id, label, family), then per fusion its
-    calibrated `score_<fusion>` and `decision_<fusion>` (fake when score >= the threshold), the
-    columns `detect` writes for new media. Rows in the first fusion's order (the test shards')."""
+    calibrated `score_<fusion>` and `decision_<fusion>` (fake when score >= the threshold), and
+    with an ensemble (`has_ensemble`) `score_ensemble` and `decision_ensemble`: the columns
+    `detect` writes for new media. Rows in the first fusion's order (the test shards')."""
     fusions = list(points)
-    scores = calibrated_test(predictions, points)
+    scores = aligned_scores(predictions, points)
+    thresholds = {f: points[f].threshold for f in fusions}
+    if has_ensemble(points):
+        scores[ENSEMBLE] = ensemble_scores(scores, points)
+        thresholds[ENSEMBLE] = ensemble_threshold(points)
     first = predictions[fusions[0]]
-    index = {f: {str(p): i for i, p in enumerate(predictions[f].pair_id)} for f in fusions}
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(
         ["pair_id", "label", "family"]
-        + [c for f in fusions for c in (f"score_{f}", f"decision_{f}")]
+        + [c for f in thresholds for c in (f"score_{f}", f"decision_{f}")]
     )
     for i, pid in enumerate(map(str, first.pair_id)):
         row: list[Any] = [pid, LABEL_NAMES[int(first.label[i])], str(first.family[i])]
-        for f in fusions:
-            j = index[f].get(pid)
-            if j is None:
-                raise DataError(f"{f}: scored no test pair {pid} (the other fusions did)")
-            score = float(scores[f][j])
-            row += [repr(score), LABEL_NAMES[FAKE if score >= points[f].threshold else REAL]]
+        for f, threshold in thresholds.items():
+            score = float(scores[f][i])
+            row += [repr(score), LABEL_NAMES[FAKE if score >= threshold else REAL]]
         writer.writerow(row)
     return out.getvalue().encode()
+
+
+def ensemble_entry(
+    predictions: Mapping[str, inference.Predictions], points: Mapping[str, OperatingPoint]
+) -> dict[str, Any]:
+    """metrics.json's "ensemble": the fusions it combines, its threshold, its ranking metrics
+    (ROC-AUC, AP, EER, TPR at 1% FPR), the metrics at its threshold and per family. No
+    probability metrics: its score is a rank, not a probability."""
+    scores = aligned_scores(predictions, points)
+    combined = ensemble_scores(scores, points)
+    threshold = ensemble_threshold(points)
+    first = predictions[next(iter(points))]
+    label = np.asarray(first.label).astype(np.int64)
+    return {
+        "fusions": list(points),
+        "threshold": threshold,
+        "n": int(len(label)),
+        "n_real": int(np.sum(label == REAL)),
+        "n_fake": int(np.sum(label == FAKE)),
+        "metrics": evaluation.ranking_metrics(label, combined),
+        "metrics_at_operating_point": evaluation.threshold_metrics(label, combined, threshold),
+        "families": evaluation.family_metrics(
+            label, combined, list(map(str, first.family)), threshold
+        ),
+    }
 
 
 def metrics_document(
@@ -312,7 +363,7 @@ def metrics_document(
                 label, scores[t.fusion], op.threshold
             ),
         }
-    return {
+    doc = {
         "format_version": FORMAT_VERSION,
         "run": run,
         "split": "test",
@@ -323,6 +374,9 @@ def metrics_document(
         "test_shards": list(features.shards.get("test", [])),
         "fusions": fusions,
     }
+    if has_ensemble(ops):
+        doc[ENSEMBLE] = ensemble_entry(predictions, ops)
+    return doc
 
 
 def differences(old: Mapping[str, Any], new: Mapping[str, Any], path: str = "") -> list[str]:

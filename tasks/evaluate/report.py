@@ -99,6 +99,7 @@ def _metrics_section(doc: Mapping[str, Any]) -> str:
         for family, values in fusions[f]["families"].items()
     ]
     parts.append(_operating_point_section(doc))
+    parts.append(_ensemble_section(doc))
     parts.append("<h3>Per fake family</h3>")
     if family_rows:
         parts.append(
@@ -167,6 +168,31 @@ def _operating_point_section(doc: Mapping[str, Any]) -> str:
             "point: eer, where the false-positive and false-negative rates meet; fpr, the lowest "
             "threshold within the false-positive budget; fixed, the model file has none.</p>",
             _table(header, [[name, *(c[name] for c in columns)] for name in names]),
+            "</section>",
+        ]
+    )
+
+
+def _ensemble_section(doc: Mapping[str, Any]) -> str:
+    """The fusions' combined verdict (metrics.json's "ensemble"), when the run has one."""
+    ens = doc.get("ensemble")
+    if not ens:
+        return ""
+    at = ens["metrics_at_operating_point"]
+    rows = [
+        *([m, v] for m, v in ens["metrics"].items()),
+        ["threshold", ens["threshold"]],
+        *([m, v] for m, v in _cells(at).items()),
+        *([f"{family} ROC-AUC", v["roc_auc"]] for family, v in ens["families"].items()),
+    ]
+    return "\n".join(
+        [
+            '<section id="ensemble"><h3>Ensemble of the fusions</h3>',
+            f'<p class="muted">The mean over {_e(", ".join(ens["fusions"]))} of each calibrated '
+            "score's rank among that fusion's validation real pairs (0: below every one, 1: "
+            "above every one), fake at or above the mean of their fitted thresholds' ranks. A "
+            "rank, not a probability: no calibration metrics.</p>",
+            _table(["", "ensemble"], rows),
             "</section>",
         ]
     )

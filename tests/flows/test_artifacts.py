@@ -223,3 +223,23 @@ def test_artifact_key_is_lowercase_with_dashes() -> None:
     assert artifacts.artifact_key("Plot ROC_curves.png") == "plot-roc-curves-png"
     with pytest.raises(ValueError, match="no usable artifact key"):
         artifacts.artifact_key("__")
+
+
+def test_the_summarys_operating_points_end_with_the_ensembles_row() -> None:
+    features, trained, _ = eval_inputs.refs(RUN)
+    preds = {f: eval_inputs.predictions(f) for f in eval_inputs.FUSIONS}
+    ref = (0.2, 0.4, 0.6, 0.8)
+    points = {f: OperatingPoint(0.5, 1.0, "eer", None, 8, ref) for f in eval_inputs.FUSIONS}
+    doc = publish.metrics_document(
+        RUN, PipelineConfig().evaluation, features, trained, preds, points
+    )
+    lines = artifacts.operating_point_lines(doc)
+    ens = doc["ensemble"]
+    at = ens["metrics_at_operating_point"]
+    assert lines[-1] == (
+        f"| ensemble (ROC-AUC {ens['metrics']['roc_auc']:.4f}) | 0.5000 | mean rank | - | "
+        f"{at['balanced_accuracy']:.4f} | {at['f1']:.4f} | {at['fpr']:.4f} | {at['tpr']:.4f} |"
+    )
+    assert [line.split(" |")[0] for line in lines[-4:-1]] == ["| early", "| mid", "| late"]
+    del doc["ensemble"]  # a run without one: the fusions' rows only
+    assert lines[:-1] == artifacts.operating_point_lines(doc)

@@ -60,7 +60,7 @@ def detect_cli(trained: dict[str, Any], *args: str) -> int:
 def check_against_evaluation(rows: list[dict[str, str]], trained: dict[str, Any]) -> None:
     for row in rows:
         expected = trained["predictions"][pair_id_of(row["audio_key"], row["image_key"])]
-        for fusion in FUSIONS:
+        for fusion in (*FUSIONS, "ensemble"):  # the fused verdict too, as predictions.csv has it
             score, want = float(row[f"score_{fusion}"]), float(expected[f"score_{fusion}"])
             assert score == pytest.approx(want, abs=TOLERANCE), (fusion, row)
             assert row[f"decision_{fusion}"] == expected[f"decision_{fusion}"], (fusion, row)
@@ -81,7 +81,7 @@ def test_detect_pairs_gives_the_evaluations_scores(trained, tmp_path: Path) -> N
     got = read_csv(out)
     assert list(got[0]) == [
         "audio_key", "image_key", "score_early", "decision_early", "score_mid", "decision_mid",
-        "score_late", "decision_late",
+        "score_late", "decision_late", "score_ensemble", "decision_ensemble",
     ]  # fmt: skip
     assert [(g["audio_key"], g["image_key"]) for g in got] == [
         (r.audio_key, r.image_key) for r in rows

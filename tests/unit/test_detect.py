@@ -160,6 +160,36 @@ def test_one_local_pair_scored_with_the_models_own_settings_and_point(bucket, tm
     assert ref.n_scored == 1 and ref.skipped == []
 
 
+def test_champions_with_references_give_the_ensembles_verdict_too(bucket, tmp_path) -> None:
+    """Model files that keep their validation reals' scores: the pair also gets the ensemble's
+    score (the mean of each calibrated score's rank among its fusion's reference) and decision."""
+    cfg, store, models = bucket
+    refs = {"early": (0.2, 0.4, 0.6, 0.8), "mid": (0.1, 0.3, 0.5, 0.7, 0.9)}
+    points = {f: OperatingPoint(p.threshold, p.temperature, p.rule, p.target_fpr, p.n_val, refs[f])
+              for f, p in POINTS.items()}  # fmt: skip
+    for fusion, point in points.items():
+        extra = {"operating_point": point.as_metadata()}
+        save_model(store, Layout().model(fusion, RUN), models[fusion], TRAINED, fusion, 1, 0.5,
+                   extra=extra)  # fmt: skip
+    audio, image = tmp_path / "voice.wav", tmp_path / "face.png"
+    audio.write_bytes(wav_bytes(7))
+    image.write_bytes(png_bytes(7, (70, 51)))
+
+    ref = detect.detect(cfg, store, audio=str(audio), image=str(image))
+
+    [row] = read_rows(store, ref.scores_uri)
+    assert list(row)[-2:] == ["score_ensemble", "decision_ensemble"]
+    ranks = []
+    for fusion, point in points.items():
+        want = expected_score(models[fusion], audio.read_bytes(), image.read_bytes(), point)
+        below = sum(r < want for r in refs[fusion]) + 0.5 * sum(r == want for r in refs[fusion])
+        ranks.append(below / len(refs[fusion]))
+    assert float(row["score_ensemble"]) == pytest.approx(np.mean(ranks), abs=1e-9)
+    at = np.mean([sum(r < p.threshold for r in refs[f]) / len(refs[f]) for f, p in points.items()])
+    assert ref.thresholds["ensemble"] == pytest.approx(at)
+    assert row["decision_ensemble"] == ("fake" if np.mean(ranks) >= at else "real")
+
+
 def test_bad_files_are_skipped_and_listed_the_rest_scored(bucket, tmp_path) -> None:
     cfg, store, models = bucket
     store.write_bytes("incoming/audio/truncated.wav", wav_bytes(5)[:60])

@@ -16,7 +16,7 @@ from config.schema import PipelineConfig, StorageConfig
 from models import build_model
 from tasks.data import shards
 from tasks.errors import DataError, ObjectNotFound
-from tasks.evaluate import publish
+from tasks.evaluate import inference, publish
 from tasks.evaluate.calibration import OperatingPoint, calibrated_scores
 from tasks.evaluate.inference import pick_device
 from tasks.evaluate.metrics import THRESHOLD_METRIC_NAMES, calculate_metrics, confusion
@@ -285,6 +285,69 @@ def test_predictions_csv_holds_each_pairs_calibrated_score_and_decision(tmp_path
         assert float(r["score_early"]) == pytest.approx(early[i], abs=1e-12)
         assert r["decision_early"] == ("fake" if early[i] >= 0.5 else "real")
     assert {r["decision_mid"] for r in rows} == {"fake", "real"}
+
+
+def test_an_ensemble_of_fusions_with_references_in_metrics_and_predictions(tmp_path: Path) -> None:
+    import csv
+
+    from tasks.evaluate.calibration import ensemble_scores, ensemble_threshold, rank_among
+
+    cfg = PipelineConfig(storage=StorageConfig(uri=str(tmp_path)))
+    store = LocalStorage(str(tmp_path))
+    layout = Layout()
+    fusions = ("early", "mid")
+    eval_inputs.write_training_outputs(store, layout, RUN, fusions)
+    features, trained, _ = eval_inputs.refs(RUN, fusions)
+    preds = {f: eval_inputs.predictions(f) for f in fusions}
+    # mid scored the pairs in another order: the ensemble must match them by pair id
+    order = np.arange(len(preds["mid"].pair_id))[::-1]
+    preds["mid"] = inference.Predictions(
+        *(getattr(preds["mid"], name)[order] for name in inference.Predictions.__dataclass_fields__)
+    )
+    points = {
+        "early": OperatingPoint(0.6, 1.0, "eer", None, 40, (0.1, 0.2, 0.3, 0.5)),
+        "mid": OperatingPoint(0.7, 2.0, "eer", None, 40, (0.2, 0.4, 0.6, 0.8)),
+    }
+    publish.write_evaluation(cfg, store, layout, RUN, features, trained, preds, points)
+    doc = json.loads(store.read_bytes(layout.metrics(RUN)))
+    ens = doc["ensemble"]
+    # by hand: each calibrated score's rank among its fusion's reference, in early's order
+    ids = [str(p) for p in preds["early"].pair_id]
+    mid_at = {str(p): i for i, p in enumerate(preds["mid"].pair_id)}
+    early_s = calibrated_scores(preds["early"].logit, 1.0)
+    mid_s = calibrated_scores(preds["mid"].logit, 2.0)[[mid_at[p] for p in ids]]
+    want = (
+        rank_among(points["early"].reference, early_s) + rank_among(points["mid"].reference, mid_s)
+    ) / 2
+    assert ensemble_scores({"early": early_s, "mid": mid_s}, points) == pytest.approx(want)
+    label = preds["early"].label
+    assert ens["fusions"] == ["early", "mid"]
+    # 0.6 is above all four of early's reals (rank 1), 0.7 above three of mid's (0.75)
+    assert ens["threshold"] == pytest.approx(ensemble_threshold(points))
+    assert ens["threshold"] == pytest.approx((1.0 + 0.75) / 2)
+    assert ens["metrics"]["roc_auc"] == pytest.approx(calculate_metrics(label, want)["roc_auc"])
+    assert set(ens["metrics"]) == {
+        "roc_auc",
+        "average_precision",
+        "eer",
+        "eer_threshold",
+        "tpr_at_1pct_fpr",
+    }
+    (tn, fp), (fn, tp) = ens["metrics_at_operating_point"]["confusion"]
+    assert tp + fp == int(np.sum(want >= ens["threshold"])) and tn + fp == int(np.sum(label == 0))
+    assert set(ens["families"]) == set(doc["fusions"]["mid"]["families"])
+
+    rows = list(csv.DictReader(io.StringIO(store.read_bytes(layout.predictions(RUN)).decode())))
+    assert list(rows[0])[-2:] == ["score_ensemble", "decision_ensemble"]
+    for i, r in enumerate(rows):
+        assert r["pair_id"] == ids[i]
+        assert float(r["score_ensemble"]) == pytest.approx(want[i], abs=1e-12)
+        assert r["decision_ensemble"] == ("fake" if want[i] >= ens["threshold"] else "real")
+    # one fusion without a reference (a model file from before it): no ensemble at all
+    old = {**points, "mid": OperatingPoint(0.7, 2.0, "eer", None, 40)}
+    publish.write_evaluation(cfg, store, layout, RUN, features, trained, preds, old)
+    assert "ensemble" not in json.loads(store.read_bytes(layout.metrics(RUN)))
+    assert "score_ensemble" not in store.read_bytes(layout.predictions(RUN)).decode()
 
 
 TINY = {

@@ -60,6 +60,15 @@ def test_metrics_document_is_read_per_fusion_and_family() -> None:
         "late": {"roc_auc": 0.7, "eer": 0.3},
     }
     assert family_auc(doc) == {"early": {"face_blend": 0.95}, "late": {}}
+    # a run with an ensemble: read as one more column, after the fusions
+    doc["ensemble"] = {
+        "fusions": ["early", "late"],
+        "metrics": {"roc_auc": 0.85, "eer": 0.2, "tpr_at_1pct_fpr": 0.4},
+        "families": {"face_blend": {"roc_auc": 0.97, "recall": 1.0, "n_fake": 6.0}},
+    }
+    assert list(headline(doc)) == ["early", "late", "ensemble"]
+    assert headline(doc)["ensemble"] == {"roc_auc": 0.85, "eer": 0.2}
+    assert family_auc(doc)["ensemble"] == {"face_blend": 0.97}
 
 
 def test_mean_std_formatting() -> None:

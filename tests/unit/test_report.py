@@ -217,3 +217,42 @@ def test_run_history_section_newest_first_with_the_trend_embedded() -> None:
     assert images[-1]["alt"] == "run-history"
     assert base64.b64decode((images[-1]["src"] or "").split(",", 1)[1]) == png
     assert "run-history" not in make_report()[0]  # no history given: no section
+
+
+def test_report_shows_the_ensemble_when_the_run_has_one() -> None:
+    cfg = PipelineConfig()
+    features, trained, _ = eval_inputs.refs(RUN, ("early", "mid"))
+    preds = {f: eval_inputs.predictions(f) for f in ("early", "mid")}
+    ref = (0.1, 0.3, 0.5, 0.7)
+    points = {f: OperatingPoint(0.6, 1.0, "eer", None, 8, ref) for f in ("early", "mid")}
+
+    def page_of(doc: dict) -> str:
+        return render_report(
+            run=RUN,
+            doc=doc,
+            plots={},
+            settings={},
+            features=features,
+            trained=trained,
+            manifest=None,
+            model_links={t.fusion: ("s3://b/m", "/m") for t in trained},
+            metrics_link=("s3://b/metrics.json", "/metrics.json"),
+            generated_at="2026-01-01 00:00:00 UTC",
+        )
+
+    doc = publish.metrics_document(RUN, cfg.evaluation, features, trained, preds, points)
+    page = page_of(doc)
+    start = page.index('<section id="ensemble">')
+    section = page[start : page.index("</section>", start)]
+    ens = doc["ensemble"]
+    assert "The mean over early, mid of each calibrated score" in section
+    assert f"<td>roc_auc</td><td>{ens['metrics']['roc_auc']:.4f}</td>" in section
+    assert f"<td>threshold</td><td>{ens['threshold']:.4f}</td>" in section  # (0.75 + 0.75) / 2
+    assert ens["threshold"] == 0.75
+    assert "<td>ece</td>" not in section  # a rank: no calibration metric
+    for family, values in ens["families"].items():
+        assert f"<td>{family} ROC-AUC</td><td>{values['roc_auc']:.4f}</td>" in section
+    # without references (model files from before the ensemble): no section
+    assert '<section id="ensemble">' not in page_of(
+        publish.metrics_document(RUN, cfg.evaluation, features, trained, preds)
+    )
