@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import re
 from html.parser import HTMLParser
+from typing import Any
 
 from config.schema import PipelineConfig
 from tasks.evaluate import plots, publish
@@ -133,12 +134,13 @@ def test_champion_decisions_are_the_last_section_inside_the_body() -> None:
     assert "Champions" not in make_report()[0]  # a run without decisions has no such section
 
 
-def test_report_shows_the_fitted_threshold_beside_the_fixed_one() -> None:
-    cfg = PipelineConfig()
+def early_and_mid_report(points: dict[str, OperatingPoint]) -> tuple[dict[str, Any], str]:
+    """metrics.json of an early and a mid model at `points`, and the page rendered from it."""
     features, trained, _ = eval_inputs.refs(RUN, ("early", "mid"))
     preds = {f: eval_inputs.predictions(f) for f in ("early", "mid")}
-    op = OperatingPoint(threshold=0.8125, temperature=2.5, rule="fpr", target_fpr=0.05, n_val=40)
-    doc = publish.metrics_document(RUN, cfg.evaluation, features, trained, preds, {"mid": op})
+    doc = publish.metrics_document(
+        RUN, PipelineConfig().evaluation, features, trained, preds, points
+    )
     page = render_report(
         run=RUN,
         doc=doc,
@@ -151,6 +153,12 @@ def test_report_shows_the_fitted_threshold_beside_the_fixed_one() -> None:
         metrics_link=("s3://b/metrics.json", "/metrics.json"),
         generated_at="2026-01-01 00:00:00 UTC",
     )
+    return doc, page
+
+
+def test_report_shows_the_fitted_threshold_beside_the_fixed_one() -> None:
+    op = OperatingPoint(threshold=0.8125, temperature=2.5, rule="fpr", target_fpr=0.05, n_val=40)
+    doc, page = early_and_mid_report({"mid": op})
     start = page.index('<section id="operating-point">')
     section = page[start : page.index("</section>", start)]
     header = (
@@ -220,28 +228,9 @@ def test_run_history_section_newest_first_with_the_trend_embedded() -> None:
 
 
 def test_report_shows_the_ensemble_when_the_run_has_one() -> None:
-    cfg = PipelineConfig()
-    features, trained, _ = eval_inputs.refs(RUN, ("early", "mid"))
-    preds = {f: eval_inputs.predictions(f) for f in ("early", "mid")}
     ref = (0.1, 0.3, 0.5, 0.7)
     points = {f: OperatingPoint(0.6, 1.0, "eer", None, 8, ref) for f in ("early", "mid")}
-
-    def page_of(doc: dict) -> str:
-        return render_report(
-            run=RUN,
-            doc=doc,
-            plots={},
-            settings={},
-            features=features,
-            trained=trained,
-            manifest=None,
-            model_links={t.fusion: ("s3://b/m", "/m") for t in trained},
-            metrics_link=("s3://b/metrics.json", "/metrics.json"),
-            generated_at="2026-01-01 00:00:00 UTC",
-        )
-
-    doc = publish.metrics_document(RUN, cfg.evaluation, features, trained, preds, points)
-    page = page_of(doc)
+    doc, page = early_and_mid_report(points)
     start = page.index('<section id="ensemble">')
     section = page[start : page.index("</section>", start)]
     ens = doc["ensemble"]
@@ -253,6 +242,4 @@ def test_report_shows_the_ensemble_when_the_run_has_one() -> None:
     for family, values in ens["families"].items():
         assert f"<td>{family} ROC-AUC</td><td>{values['roc_auc']:.4f}</td>" in section
     # without references (model files from before the ensemble): no section
-    assert '<section id="ensemble">' not in page_of(
-        publish.metrics_document(RUN, cfg.evaluation, features, trained, preds)
-    )
+    assert '<section id="ensemble">' not in early_and_mid_report({})[1]
