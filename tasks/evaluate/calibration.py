@@ -35,8 +35,9 @@ scale), and the ensemble's score is the mean of the fusions' ranks. Ranks, not p
 each fusion's calibrated scores are spread differently (one may give 1.0 to anything unusual),
 and a mean of probabilities follows the most confident fusion. Its threshold is the mean of the
 fusions' thresholds' ranks: about 1 - the mean of their validation false-positive rates. On
-fake families no fusion was trained on (`benchmarks/README.md`) the mean rank beat each single
-fusion chosen in advance, though not the one that, afterwards, turned out best.
+fake families no fusion was trained on (`benchmarks/README.md`, "The ensemble") the mean rank
+beat each single fusion chosen in advance on average and in the worst case, though not the one
+that, afterwards, turned out best.
 
 Pure numpy and scipy; no torch, no sklearn.
 """
