@@ -33,8 +33,11 @@ becomes its rank among them (`rank_among`: the share of validation reals scoring
 counted half, in [0, 1]: how much more fake than a real pair it looks, on that fusion's own
 scale), and the ensemble's score is the mean of the fusions' ranks. Ranks, not probabilities:
 each fusion's calibrated scores are spread differently (one may give 1.0 to anything unusual),
-and a mean of probabilities follows the most confident fusion. Its threshold is the mean of the
-fusions' thresholds' ranks: about 1 - the mean of their validation false-positive rates. On
+and a mean of probabilities follows the most confident fusion. A rank stops at 1 above the
+highest validation real, so samples of equal mean rank (most often: above every validation real
+in every fusion, the clear fakes and now and then a real) are ordered by the mean calibrated
+score, weighted never to overturn a step of the rank (`_combined`). Its threshold is the
+fusions' thresholds combined the same way: about 1 - their mean validation false-positive rate. On
 fake families no fusion was trained on (`benchmarks/README.md`, "The ensemble") the mean rank
 beat each single fusion chosen in advance on average and in the worst case, though not the one
 that, afterwards, turned out best.
@@ -278,20 +281,36 @@ def has_ensemble(points: Mapping[str, OperatingPoint]) -> bool:
     return len(points) >= 2 and all(p.reference for p in points.values())
 
 
+def _combined(
+    ranks: list[np.ndarray], probabilities: list[np.ndarray], sizes: list[int]
+) -> np.ndarray:
+    """The mean rank, ties broken by the mean calibrated probability: it weighs at most half
+    the finest step of a mean rank, 1 / (2 x fusions x the largest reference), so it orders
+    samples of one mean rank (above every validation real in every fusion, most often) and
+    never overturns a whole step. In [0, 1]."""
+    tie = 0.5 / (2 * len(ranks) * max(sizes))
+    return (np.mean(ranks, axis=0) + tie * np.mean(probabilities, axis=0)) / (1.0 + tie)
+
+
 def ensemble_scores(scores: Mapping[str, Any], points: Mapping[str, OperatingPoint]) -> np.ndarray:
     """The mean over the fusions of each calibrated score's rank among that fusion's validation
-    reals (`scores`: fusion -> scores of the same samples, in the same order)."""
+    reals, ties broken by the mean calibrated score (`_combined`); `scores`: fusion -> scores
+    of the same samples, in the same order."""
     if not has_ensemble(points):
         raise ValueError("an ensemble needs two fusions or more, each with a reference")
-    return np.mean([rank_among(points[f].reference, scores[f]) for f in points], axis=0)
+    return _combined(
+        [rank_among(points[f].reference, scores[f]) for f in points],
+        [np.asarray(scores[f], dtype=np.float64) for f in points],
+        [len(p.reference) for p in points.values()],
+    )
 
 
 def ensemble_threshold(points: Mapping[str, OperatingPoint]) -> float:
-    """The mean of the fusions' thresholds' ranks among their validation reals: an ensemble
-    score at or above it is fake."""
+    """The fusions' thresholds combined as their scores are (`ensemble_scores` of a sample
+    that scores each fusion's threshold): an ensemble score at or above it is fake."""
     if not has_ensemble(points):
         raise ValueError("an ensemble needs two fusions or more, each with a reference")
-    return float(np.mean([rank_among(p.reference, [p.threshold])[0] for p in points.values()]))
+    return float(ensemble_scores({f: [p.threshold] for f, p in points.items()}, points)[0])
 
 
 def operating_point_of(metadata: Any, fixed_threshold: float) -> OperatingPoint:

@@ -202,6 +202,12 @@ def point(threshold: float, reference: list[float]) -> OperatingPoint:
     return OperatingPoint(threshold, 1.0, "eer", None, 2 * len(reference), tuple(reference))
 
 
+def by_hand(ranks: list[float], probabilities: list[float], largest: int) -> float:
+    """The mean rank, ties broken by the mean probability weighted at half the finest step."""
+    tie = 0.5 / (2 * len(ranks) * largest)
+    return (float(np.mean(ranks)) + tie * float(np.mean(probabilities))) / (1 + tie)
+
+
 def test_the_ensemble_follows_the_fusions_ranks_not_the_most_confident_fusions_probability() -> (
     None
 ):
@@ -209,17 +215,32 @@ def test_the_ensemble_follows_the_fusions_ranks_not_the_most_confident_fusions_p
     # probabilities would follow "a"; the ranks weigh the two alike
     points = {
         "a": point(0.999, [0.0, 0.001, 0.002, 0.003]),
-        "b": point(0.35, [0.1, 0.2, 0.3, 0.4]),
+        "b": point(0.25, [0.1, 0.2, 0.3, 0.4]),
     }
     # X: above every real for "a", low for "b"; Y: above most reals for "a", every real for "b"
     scores = {"a": np.array([0.9999, 0.0025]), "b": np.array([0.15, 0.45])}
     got = ensemble_scores(scores, points)
-    assert got == pytest.approx([(1.0 + 0.25) / 2, (0.75 + 1.0) / 2])
+    assert got == pytest.approx(
+        [by_hand([1.0, 0.25], [0.9999, 0.15], 4), by_hand([0.75, 1.0], [0.0025, 0.45], 4)]
+    )
     assert got[1] > got[0]  # Y looks more fake to the two together
     assert np.mean([scores["a"], scores["b"]], axis=0).tolist() == pytest.approx([0.57495, 0.22625])
-    # fake at or above the mean of the thresholds' ranks: 1.0 and 0.75 here
-    assert ensemble_threshold(points) == pytest.approx((1.0 + 0.75) / 2)
+    # the thresholds combined the same way: ranks 1.0 and 0.5 here
+    assert ensemble_threshold(points) == pytest.approx(by_hand([1.0, 0.5], [0.999, 0.25], 4))
     assert (got >= ensemble_threshold(points)).tolist() == [False, True]
+
+
+def test_equal_mean_ranks_are_ordered_by_probability_and_never_a_whole_rank_step() -> None:
+    points = {"a": point(0.5, [0.1, 0.2, 0.3]), "b": point(0.5, [0.2, 0.4, 0.6])}
+    # P and Q above every real in both fusions (rank 1 each): the surer one ranks higher;
+    # R half a step lower in "b" (tied with its top real) at the highest probabilities
+    scores = {"a": np.array([0.7, 0.99, 1.0]), "b": np.array([0.65, 0.98, 0.6])}
+    p, q, r = ensemble_scores(scores, points)
+    assert q > p > r
+    assert r == pytest.approx(by_hand([1.0, 5 / 6], [1.0, 0.6], 3))
+    assert 0.0 <= r and q <= 1.0
+    # a score below every real in both fusions, at the lowest probability: 0
+    assert ensemble_scores({"a": [0.0], "b": [0.0]}, points)[0] == 0.0
 
 
 def test_an_ensemble_needs_two_fusions_each_with_a_reference() -> None:

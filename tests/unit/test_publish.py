@@ -316,15 +316,17 @@ def test_an_ensemble_of_fusions_with_references_in_metrics_and_predictions(tmp_p
     mid_at = {str(p): i for i, p in enumerate(preds["mid"].pair_id)}
     early_s = calibrated_scores(preds["early"].logit, 1.0)
     mid_s = calibrated_scores(preds["mid"].logit, 2.0)[[mid_at[p] for p in ids]]
-    want = (
+    ranks = (
         rank_among(points["early"].reference, early_s) + rank_among(points["mid"].reference, mid_s)
     ) / 2
+    tie = 0.5 / (2 * 2 * 4)  # ties broken by the mean probability, at half the finest step
+    want = (ranks + tie * (early_s + mid_s) / 2) / (1 + tie)
     assert ensemble_scores({"early": early_s, "mid": mid_s}, points) == pytest.approx(want)
     label = preds["early"].label
     assert ens["fusions"] == ["early", "mid"]
     # 0.6 is above all four of early's reals (rank 1), 0.7 above three of mid's (0.75)
     assert ens["threshold"] == pytest.approx(ensemble_threshold(points))
-    assert ens["threshold"] == pytest.approx((1.0 + 0.75) / 2)
+    assert ens["threshold"] == pytest.approx(((1.0 + 0.75) / 2 + tie * 0.65) / (1 + tie))
     assert ens["metrics"]["roc_auc"] == pytest.approx(calculate_metrics(label, want)["roc_auc"])
     assert set(ens["metrics"]) == {
         "roc_auc",
